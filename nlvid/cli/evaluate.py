@@ -1,0 +1,8 @@
+"""`nlvid eval` (not implemented yet: says so and exits 1)."""
+
+from nlvid.cli.common import not_available
+
+
+def evaluate() -> None:
+    """Not available yet."""
+    not_available("eval")

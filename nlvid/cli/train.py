@@ -1,0 +1,8 @@
+"""`nlvid train` (not implemented yet: says so and exits 1)."""
+
+from nlvid.cli.common import not_available
+
+
+def train() -> None:
+    """Not available yet."""
+    not_available("train")

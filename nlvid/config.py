@@ -1,0 +1,281 @@
+"""Experiment configuration: dataclass defaults, then a YAML file or preset, then `--set a.b=value` overrides.
+
+Rules (nanoGPT's configurator, without exec): every key must exist in the dataclasses below and every value must
+have the declared type; anything else is a `ConfigError` naming the key and what is allowed. A config is turned
+into keyword arguments once, at the edge (`model_kwargs`), never handed to layers.
+
+Config sources accepted wherever a config is asked for:
+- a path to a YAML file;
+- the name of a bundled config (`nlvid/configs/<name>.yaml`, shown to users as `sample_configs/`), e.g. `tiny`;
+- a model preset name (`c2d_r50_nl5`, ...): the defaults with `model.name` set to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nlvid.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "c2d_r50_nl5"  # a preset from nlvid.models.list_models()
+    num_classes: int = 400
+    # Everything below overrides the preset when not None.
+    layout: str | None = None  # temporal layout: "8x8" (PySlowFast) or "32x2" (paper / official Caffe2)
+    width: int | None = None  # base width (64 for the paper's ResNets; small for tiny models)
+    nonlocal_blocks: dict[str, list[int]] | None = None  # where NL blocks go: {res3: [1, 3], res4: [1, 3, 5]}
+    instantiation: str | None = None  # gaussian | embedded_gaussian | dot_product | concatenation
+    scale: bool | None = None  # (C/2)^-0.5 softmax scale for embedded_gaussian (official code: on)
+    pool_size: list[int] | None = None  # key/value max-pool (t, h, w); [1, 1, 1] disables
+    pool_position: str | None = None  # "input" (official code) or "after" (paper text / mmcv)
+    mode: str | None = None  # spacetime | space | time
+    norm: str | None = None  # "bn" (gamma zero-init) or "none" (W_z zero-init)
+    dropout: float = 0.5
+
+
+@dataclass
+class DataConfig:
+    num_frames: int = 8
+    stride: int = 8
+    train_short_side: list[int] = field(default_factory=lambda: [256, 320])  # random in [min, max]
+    crop_size: int = 224
+    test_short_side: int = 256
+    test_crop_size: int = 256
+    num_clips: int = 10  # test clips per video
+    num_crops: int = 3  # test spatial crops per clip (1 or 3)
+    flip: bool = True
+    mean: list[float] = field(default_factory=lambda: [0.45, 0.45, 0.45])
+    std: list[float] = field(default_factory=lambda: [0.225, 0.225, 0.225])
+    num_workers: int = 2
+    on_error: str = "skip"  # unreadable videos: "skip" (listed, then left out) or "fail"
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4  # never applied to BN and bias parameters
+    schedule: str = "cosine"  # cosine | step
+    warmup_epochs: float = 1.0
+    warmup_start_factor: float = 0.1
+    milestones: list[float] = field(default_factory=lambda: [0.375, 0.75])  # step schedule, fractions of the run
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    clip_grad_norm: float = 0.0  # 0 disables
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 8  # per process
+    accum_steps: int = 1
+    amp: str = "none"  # none | bf16 | fp16 (fp16 only on CUDA, with a grad scaler)
+    compile: bool = False
+    precise_bn_batches: int = 0  # 0 disables; the official recipe uses 200
+    sync_bn: bool = False
+    save_every: int = 0  # also checkpoint every N steps inside an epoch; 0 = at epoch ends only
+    log_every: int = 10
+    eval_every: int = 1  # epochs
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# Values with a fixed set of choices; checked after every merge.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.layout": ("8x8", "32x2"),
+    "model.instantiation": ("gaussian", "embedded_gaussian", "dot_product", "concatenation"),
+    "model.pool_position": ("input", "after"),
+    "model.mode": ("spacetime", "space", "time"),
+    "model.norm": ("bn", "none"),
+    "data.on_error": ("skip", "fail"),
+    "optim.optimizer": ("sgd", "adamw"),
+    "optim.schedule": ("cosine", "step"),
+    "train.amp": ("none", "bf16", "fp16"),
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints are accepted for floats, lists for tuples)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if errors else ConfigError(f"config key '{key}': None is not allowed")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list of {_type_name(args[0])}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return {_coerce(f"{key} key", k, args[0]): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")  # pragma: no cover (a bug in this file)
+
+
+def _merge(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    """Merge a nested dict into dataclass `obj` in place, validating keys and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}'; valid keys here: {', '.join(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, f"{full}.")
+        else:
+            setattr(obj, key, _coerce(full, value, hints[key]))
+
+
+def _check_choices(cfg: Config) -> None:
+    for dotted, allowed in CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value is not None and value not in allowed:
+            raise ConfigError(f"config key '{dotted}': {value!r} is not one of {', '.join(allowed)}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'optim.lr=0.1' -> ('optim.lr', 0.1). Values are parsed as YAML (numbers, true/false, lists, mappings)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set optim.lr=0.1")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({e.__class__.__name__})") from None
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def bundled_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of sections (model, data, optim, train)")
+    return data
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Resolve a config: defaults <- (YAML file | bundled config | model preset) <- `--set` overrides."""
+    cfg = Config()
+    if source is not None:
+        src = str(source)
+        path = Path(src)
+        if path.suffix in (".yaml", ".yml") or path.exists():
+            if not path.exists():
+                raise ConfigError(f"config file {src} does not exist")
+            _merge(cfg, read_yaml(path))
+        elif (CONFIG_DIR / f"{src}.yaml").exists():
+            _merge(cfg, read_yaml(CONFIG_DIR / f"{src}.yaml"))
+        else:
+            from nlvid.models import list_models
+
+            if src not in list_models():
+                raise ConfigError(
+                    f"unknown config or model {src!r}; bundled configs: {', '.join(bundled_configs())}; "
+                    f"models: see `nlvid build --help` (e.g. c2d_r50_nl5, i3d_r50_nl5, tiny)"
+                )
+            cfg.model.name = src
+    for text in overrides:
+        key, value = parse_override(text)
+        _merge(cfg, _nest(key, value))
+    _check_choices(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (e.g. stored in a checkpoint)."""
+    cfg = Config()
+    _merge(cfg, data)
+    _check_choices(cfg)
+    return cfg
+
+
+def model_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
+    """The keyword arguments for `nlvid.models.create_model(model_cfg.name, **kwargs)`; None means preset default."""
+    out = {}
+    for f in dataclasses.fields(model_cfg):
+        if f.name == "name":
+            continue
+        value = getattr(model_cfg, f.name)
+        if value is None:
+            continue
+        if f.name == "pool_size":
+            value = tuple(value)
+        out[f.name] = value
+    return out

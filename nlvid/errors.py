@@ -1,0 +1,50 @@
+"""Errors users see as one line on stderr (the CLI maps them; NLVID_DEBUG=1 shows the traceback).
+
+exit_code: 1 = runtime failure (bad file, decode error, NaN loss), 2 = usage/config error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class NlvidError(Exception):
+    """Base class: a message a user can act on, without a traceback."""
+
+    exit_code = 1
+
+
+class ConfigError(NlvidError):
+    """Unknown key, bad type or value, unknown model name, impossible shape."""
+
+    exit_code = 2
+
+
+class DatasetError(NlvidError):
+    """A dataset folder or annotation list that cannot be used."""
+
+    exit_code = 1
+
+
+class CheckpointError(NlvidError):
+    """A checkpoint that is missing, corrupt, unsafe, or does not fit the model/data."""
+
+    exit_code = 1
+
+
+class DecodeError(NlvidError):
+    """A video that cannot be decoded. `partial` holds the frames that did decode, if any (uint8 (T, H, W, 3))."""
+
+    exit_code = 1
+
+    def __init__(self, path: str | Path, reason: str, partial=None):
+        self.path = str(path)
+        self.reason = reason
+        self.partial = partial
+        super().__init__(f"{self.path}: {reason}")
+
+
+class TrainingError(NlvidError):
+    """A training run that has to stop (e.g. a NaN loss); the last good checkpoint is kept."""
+
+    exit_code = 1
