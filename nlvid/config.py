@@ -40,6 +40,7 @@ class ModelConfig:
     pool_position: str | None = None  # "input" (official code) or "after" (paper text / mmcv)
     mode: str | None = None  # spacetime | space | time
     norm: str | None = None  # "bn" (gamma zero-init) or "none" (W_z zero-init)
+    stem_pool_padding: int | None = None  # pool1 spatial padding: 1 (PySlowFast, 56x56) or 0 (Caffe2, 55x55)
     dropout: float = 0.5
 
 
