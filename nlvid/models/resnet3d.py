@@ -1,0 +1,481 @@
+"""C2D / I3D ResNet backbones with Non-local blocks (Wang et al., CVPR 2018), as data tables.
+
+Shape legend: B batch, C channels, T frames, H/W height/width; a "folded" tensor is (B*T, C, H, W).
+
+Module names (converters and the visualiser rely on them):
+    stem.conv / stem.bn / stem.pool
+    res2..res5: .blocks (ModuleList of residual blocks), .nl (ModuleDict: str(block index) -> NonLocalBlock,
+                applied AFTER that block, on its post-ReLU output)
+    pool2 (temporal max-pool after res2)
+    bottleneck: conv1, bn1, conv2, bn2, conv3, bn3, downsample.0 (conv) / downsample.1 (bn)
+    basic:      conv1, bn1, conv2, bn2, downsample.0 / downsample.1
+    head.dropout, head.fc
+
+Variants are data:
+- `STAGE_DEPTHS` / `BLOCK_KIND`: ResNet-18/34 (basic blocks) and ResNet-50/101 (bottleneck blocks).
+- `ARCHS`: which conv of a block gets a temporal kernel of 3, the stem's temporal kernel, and the per-block
+  inflation pattern (official video-nonlocal-net pattern for I3D; C2D inflates nothing).
+- `LAYOUTS`: "8x8" (PySlowFast: conv1 stride (1,2,2), pool1 1x3x3, pool2 2x1x1 stride 2 after res2) and
+  "32x2" (paper / official Caffe2: conv1 stride (2,2,2), pool1 2x3x3 stride 2, pool2 2x1x1 stride 2).
+
+Speed: every 1xkxk convolution is a `FrameConv3d`, a Conv3d (same parameters and state-dict shapes) whose
+forward folds time into the batch and runs conv2d. The trunk keeps activations in `channels_last_3d` memory
+order, i.e. (B, T, H, W, C) in memory, so folding (B, C, T, H, W) -> (B*T, C, H, W) channels_last is a view, not a
+copy; pooling, BN and the temporal (I3D) convs also run fastest in that layout on CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nlvid.errors import ConfigError
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data tables
+# ----------------------------------------------------------------------------------------------------------------
+
+STAGES = ("res2", "res3", "res4", "res5")
+
+STAGE_DEPTHS: dict[int, tuple[int, int, int, int]] = {
+    18: (2, 2, 2, 2),
+    34: (3, 4, 6, 3),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+}
+BLOCK_KIND: dict[int, str] = {18: "basic", 34: "basic", 50: "bottleneck", 101: "bottleneck"}
+
+# Per-stage inflation patterns (1 = this block gets a temporal kernel of 3), repeated to the stage depth.
+# Official video-nonlocal-net: res2 (1,1,1), res3 (1,0,1,0), res4 (1,0,1,0,1,0), res5 (0,1,0); R101 res4: even blocks.
+INFLATE_PATTERN: tuple[tuple[int, ...], ...] = ((1, 1, 1), (1, 0), (1, 0), (0, 1, 0))
+
+# arch -> stem temporal kernel, which conv of a block is inflated ("first": conv1, the 1x1 of a bottleneck;
+# "middle": conv2, the 3x3 of a bottleneck), and whether the inflation pattern applies at all.
+ARCHS: dict[str, dict[str, Any]] = {
+    "c2d": dict(stem_kt=1, inflate=None),
+    "i3d": dict(stem_kt=5, inflate="first"),  # I3D_3x1x1 (paper Table 2f, official code)
+    "i3d333": dict(stem_kt=5, inflate="middle"),  # I3D_3x3x3 (paper Table 2e)
+}
+
+# layout -> stem conv temporal stride, pool1 (kernel, stride), pool2 (kernel, stride); all (t, h, w).
+LAYOUTS: dict[str, dict[str, Any]] = {
+    "8x8": dict(stem_stride=(1, 2, 2), pool1_kernel=(1, 3, 3), pool1_stride=(1, 2, 2),
+                pool2_kernel=(2, 1, 1), pool2_stride=(2, 1, 1)),
+    "32x2": dict(stem_stride=(2, 2, 2), pool1_kernel=(2, 3, 3), pool1_stride=(2, 2, 2),
+                 pool2_kernel=(2, 1, 1), pool2_stride=(2, 1, 1)),
+}
+
+
+def inflation_flags(depths: Sequence[int]) -> list[list[int]]:
+    """The official per-block inflation flags for stage depths, e.g. (3, 4, 6, 3) -> [[1,1,1],[1,0,1,0],...]."""
+    out = []
+    for pattern, depth in zip(INFLATE_PATTERN, depths):
+        out.append([pattern[i % len(pattern)] for i in range(depth)])
+    return out
+
+
+def temporal_kernels(arch: str, depths: Sequence[int]) -> list[list[tuple[int, int]]]:
+    """Per stage, per block: (temporal kernel of the first conv, temporal kernel of the middle conv)."""
+    inflate = ARCHS[arch]["inflate"]
+    flags = inflation_flags(depths)
+    out = []
+    for stage_flags in flags:
+        ks = []
+        for f in stage_flags:
+            kt = 3 if (inflate is not None and f) else 1
+            ks.append((kt, 1) if inflate == "first" else (1, kt))
+        out.append(ks)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class FrameConv3d(nn.Conv3d):
+    """A Conv3d that runs a 1xkxk kernel as conv2d over (B*T) frames; same parameters/state dict as nn.Conv3d.
+
+    Outputs equal `F.conv3d` (tested). Temporal kernels > 1 take the ordinary conv3d path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_size[0] != 1 or self.padding[0] != 0 or self.padding_mode != "zeros" or x.dim() != 5:
+            return super().forward(x)
+        st = self.stride[0]
+        if st > 1:
+            x = x[:, :, ::st]  # a 1-frame kernel with temporal stride s just keeps every s-th frame
+        B, C, T, H, W = x.shape
+        # (B, C, T, H, W) -> (B, T, C, H, W) -> (B*T, C, H, W): a view when x is channels_last_3d
+        x2 = x.transpose(1, 2).reshape(B * T, C, H, W)
+        if not x2.is_contiguous(memory_format=torch.channels_last):
+            x2 = x2.contiguous(memory_format=torch.channels_last)
+        y = F.conv2d(x2, self.weight.squeeze(2), self.bias, self.stride[1:], self.padding[1:],
+                     self.dilation[1:], self.groups)
+        # (B*T, C', H', W') -> (B, T, C', H', W') -> (B, C', T, H', W'): channels_last_3d view of y
+        return y.reshape(B, T, *y.shape[1:]).transpose(1, 2)
+
+
+def _conv(dim_in: int, dim_out: int, kernel: tuple[int, int, int], stride: tuple[int, int, int] = (1, 1, 1)) -> nn.Conv3d:
+    padding = tuple(k // 2 for k in kernel)
+    return FrameConv3d(dim_in, dim_out, kernel, stride=stride, padding=padding, bias=False)
+
+
+def _bn(dim: int) -> nn.BatchNorm3d:
+    return nn.BatchNorm3d(dim, eps=1e-5, momentum=0.1)
+
+
+def _init_conv_bn(module: nn.Module) -> None:
+    """Kaiming (fan_out, ReLU) for convs, BN gamma 1 / beta 0 (PySlowFast / Caffe2 msra fill)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv3d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm3d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _downsample(dim_in: int, dim_out: int, spatial_stride: int) -> nn.Sequential | None:
+    if dim_in == dim_out and spatial_stride == 1:
+        return None
+    return nn.Sequential(_conv(dim_in, dim_out, (1, 1, 1), (1, spatial_stride, spatial_stride)), _bn(dim_out))
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (spatial stride here) -> 1x1, BN + ReLU, projection shortcut when the shape changes.
+
+    `kt` = (temporal kernel of conv1, temporal kernel of conv2): C2D (1, 1), I3D_3x1x1 (3, 1), I3D_3x3x3 (1, 3).
+    """
+
+    expansion = 4
+
+    def __init__(self, dim_in: int, dim_inner: int, *, spatial_stride: int = 1, kt: tuple[int, int] = (1, 1),
+                 zero_init_last_bn: bool = False):
+        super().__init__()
+        dim_out = dim_inner * self.expansion
+        self.conv1 = _conv(dim_in, dim_inner, (kt[0], 1, 1))
+        self.bn1 = _bn(dim_inner)
+        self.conv2 = _conv(dim_inner, dim_inner, (kt[1], 3, 3), (1, spatial_stride, spatial_stride))
+        self.bn2 = _bn(dim_inner)
+        self.conv3 = _conv(dim_inner, dim_out, (1, 1, 1))
+        self.bn3 = _bn(dim_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _downsample(dim_in, dim_out, spatial_stride)
+        self.init_weights(zero_init_last_bn)
+
+    def init_weights(self, zero_init_last_bn: bool = False) -> None:
+        _init_conv_bn(self)
+        if zero_init_last_bn:
+            nn.init.zeros_(self.bn3.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return self.relu(y + shortcut)
+
+
+class BasicBlock(nn.Module):
+    """3x3 (spatial stride here) -> 3x3, BN + ReLU, projection shortcut when the shape changes.
+
+    `kt` = (temporal kernel of conv1, temporal kernel of conv2).
+    """
+
+    expansion = 1
+
+    def __init__(self, dim_in: int, dim_inner: int, *, spatial_stride: int = 1, kt: tuple[int, int] = (1, 1),
+                 zero_init_last_bn: bool = False):
+        super().__init__()
+        dim_out = dim_inner * self.expansion
+        self.conv1 = _conv(dim_in, dim_inner, (kt[0], 3, 3), (1, spatial_stride, spatial_stride))
+        self.bn1 = _bn(dim_inner)
+        self.conv2 = _conv(dim_inner, dim_out, (kt[1], 3, 3))
+        self.bn2 = _bn(dim_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _downsample(dim_in, dim_out, spatial_stride)
+        self.init_weights(zero_init_last_bn)
+
+    def init_weights(self, zero_init_last_bn: bool = False) -> None:
+        _init_conv_bn(self)
+        if zero_init_last_bn:
+            nn.init.zeros_(self.bn2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return self.relu(y + shortcut)
+
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+class Stem(nn.Module):
+    def __init__(self, dim_out: int, *, kt: int, stride: tuple[int, int, int], pool_kernel: tuple[int, int, int],
+                 pool_stride: tuple[int, int, int], pool_padding: int):
+        super().__init__()
+        self.conv = _conv(3, dim_out, (kt, 7, 7), stride)
+        self.bn = _bn(dim_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool3d(pool_kernel, pool_stride, padding=(0, pool_padding, pool_padding))
+        _init_conv_bn(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.relu(self.bn(self.conv(x))))
+
+
+class Stage(nn.Module):
+    """Residual blocks plus Non-local blocks: `nl[str(i)]` runs on the output of `blocks[i]`."""
+
+    def __init__(self, blocks: list[nn.Module], nl: dict[str, nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.nl = nn.ModuleDict(nl)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            key = str(i)
+            if key in self.nl:
+                x = self.nl[key](x)
+                if not x.is_contiguous(memory_format=torch.channels_last_3d):
+                    x = x.contiguous(memory_format=torch.channels_last_3d)  # keep the trunk in one layout
+        return x
+
+
+class Head(nn.Module):
+    """Global average pool over (T, H, W), dropout, linear classifier (normal std 0.01, bias 0)."""
+
+    def __init__(self, dim_in: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(dim_in, num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        x = feat.mean(dim=(2, 3, 4))  # (B, C, T, H, W) -> (B, C)
+        return self.fc(self.dropout(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shape arithmetic (validate a clip before running anything)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _pool_out(n: int, k: int, s: int, p: int) -> int | None:
+    if n + 2 * p < k:
+        return None
+    return (n + 2 * p - k) // s + 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The network
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ResNet3d(nn.Module):
+    """C2D / I3D ResNet for clips (B, 3, T, H, W), with Non-local blocks after chosen residual blocks.
+
+    Args (all explicit; a config is turned into these once, in `nlvid.models.presets.create_model`):
+        depth: 18, 34 (basic blocks), 50, 101 (bottleneck blocks).
+        arch: "c2d", "i3d" (I3D_3x1x1) or "i3d333" (I3D_3x3x3).
+        layout: "8x8" or "32x2" (see `LAYOUTS`).
+        width: base width (64 in the paper); stage inner widths are width * (1, 2, 4, 8).
+        stage_depths: override the depth's blocks per stage (tiny models), e.g. (1, 1, 1, 1).
+        nonlocal_blocks: {"res3": [1, 3], "res4": [1, 3, 5]}: NL block after these (0-based) residual blocks.
+        nonlocal_kwargs: passed to every NonLocalBlock (instantiation, scale, pool_size, ...); None = its defaults.
+        stem_pool_padding: pool1 spatial padding, 1 (PySlowFast, 56x56 at 224) or 0 (Caffe2, 55x55).
+        zero_init_last_bn: zero the last BN gamma of each residual branch (PySlowFast ZERO_INIT_FINAL_BN);
+            default off (the paper and official code use gamma 1).
+    """
+
+    def __init__(self, *, depth: int = 50, arch: str = "c2d", layout: str = "8x8", width: int = 64,
+                 stage_depths: Sequence[int] | None = None, nonlocal_blocks: dict[str, Sequence[int]] | None = None,
+                 nonlocal_kwargs: dict[str, Any] | None = None, num_classes: int = 400, dropout: float = 0.5,
+                 stem_pool_padding: int = 1, zero_init_last_bn: bool = False):
+        super().__init__()
+        if depth not in STAGE_DEPTHS:
+            raise ConfigError(f"depth {depth!r} is not one of {', '.join(map(str, STAGE_DEPTHS))}")
+        if arch not in ARCHS:
+            raise ConfigError(f"arch {arch!r} is not one of {', '.join(ARCHS)}")
+        if layout not in LAYOUTS:
+            raise ConfigError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+        if stem_pool_padding not in (0, 1):
+            raise ConfigError(f"stem_pool_padding {stem_pool_padding!r} is not one of 0, 1")
+        if not isinstance(width, int) or width < 1:
+            raise ConfigError(f"width {width!r} must be a positive integer")
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ConfigError(f"num_classes {num_classes!r} must be a positive integer")
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"dropout {dropout!r} must be in [0, 1)")
+        depths = tuple(stage_depths) if stage_depths is not None else STAGE_DEPTHS[depth]
+        nonlocal_blocks = validate_nonlocal_blocks(nonlocal_blocks or {}, depths)
+        nonlocal_kwargs = dict(nonlocal_kwargs or {})
+
+        self.depth, self.arch, self.layout, self.width = depth, arch, layout, width
+        self.stage_depths = depths
+        self.nonlocal_blocks = nonlocal_blocks
+        self.nonlocal_kwargs = nonlocal_kwargs
+        self.stem_pool_padding = stem_pool_padding
+        self.num_classes = num_classes
+
+        lay = LAYOUTS[layout]
+        block_cls = BLOCKS[BLOCK_KIND[depth]]
+        kts = temporal_kernels(arch, depths)
+        self.stem = Stem(width, kt=ARCHS[arch]["stem_kt"], stride=lay["stem_stride"],
+                         pool_kernel=lay["pool1_kernel"], pool_stride=lay["pool1_stride"],
+                         pool_padding=stem_pool_padding)
+        dim_in = width
+        self.stage_dims: list[int] = []
+        for s, name in enumerate(STAGES):
+            dim_inner = width * 2**s
+            blocks = []
+            for i in range(depths[s]):
+                stride = 2 if (i == 0 and s > 0) else 1
+                blocks.append(block_cls(dim_in, dim_inner, spatial_stride=stride, kt=kts[s][i],
+                                        zero_init_last_bn=zero_init_last_bn))
+                dim_in = dim_inner * block_cls.expansion
+            nl = {str(i): _make_nonlocal(dim_in, nonlocal_kwargs) for i in nonlocal_blocks.get(name, [])}
+            setattr(self, name, Stage(blocks, nl))
+            self.stage_dims.append(dim_in)
+            if name == "res2":
+                self.pool2 = nn.MaxPool3d(lay["pool2_kernel"], lay["pool2_stride"])
+        self.num_features = dim_in
+        self.head = Head(dim_in, num_classes, dropout)
+
+    # -- API ----------------------------------------------------------------------------------------------------
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) -> res5 map (B, C, T', H', W') (in channels_last_3d memory order)."""
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        x = self.stem(x)
+        x = self.res2(x)
+        x = self.pool2(x)
+        x = self.res3(x)
+        x = self.res4(x)
+        return self.res5(x)
+
+    def forward_head(self, feat: torch.Tensor) -> torch.Tensor:
+        return self.head(feat)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # -- shapes -------------------------------------------------------------------------------------------------
+
+    def feature_grids(self, frames: int, height: int, width: int) -> dict[str, tuple[int, int, int]]:
+        """Output grid (T, H, W) of stem, res2, pool2, res3, res4, res5 for a clip; ConfigError if it cannot run.
+
+        Computed with the layers' own arithmetic, so a clip is validated before any tensor is made.
+        """
+        out = self._grids(frames, height, width)
+        if out is None:
+            raise self._shape_error(frames, height, width)
+        return out
+
+    def _grids(self, frames: int, height: int, width: int) -> dict[str, tuple[int, int, int]] | None:
+        lay = LAYOUTS[self.layout]
+        conv = self.stem.conv
+        grid = []
+        for d, n in enumerate((frames, height, width)):
+            o = _pool_out(n, conv.kernel_size[d], conv.stride[d], conv.padding[d])
+            if o is not None:
+                p = (0, self.stem_pool_padding, self.stem_pool_padding)[d]
+                o = _pool_out(o, lay["pool1_kernel"][d], lay["pool1_stride"][d], p)
+            if o is None:
+                return None
+            grid.append(o)
+        t, h, w = grid
+        out: dict[str, tuple[int, int, int]] = {"stem": (t, h, w), "res2": (t, h, w)}
+        tp = _pool_out(t, lay["pool2_kernel"][0], lay["pool2_stride"][0], 0)
+        if tp is None:
+            return None
+        t = tp
+        out["pool2"] = (t, h, w)
+        for name in STAGES[1:]:
+            h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1  # 3x3 conv, stride 2, padding 1
+            out[name] = (t, h, w)
+        for name in STAGES:
+            for block in getattr(self, name).nl.values():
+                if any(g < p for g, p in zip(out[name], _nl_pool_size(block))):
+                    return None  # the NL key/value max-pool needs at least one window
+        return out
+
+    def min_input(self) -> tuple[int, int]:
+        """Smallest (frames, square size) this model accepts."""
+        t = next((t for t in range(1, 1025) if self._grids(t, 1024, 1024) is not None), 1025)
+        s = next((s for s in range(1, 1025) if self._grids(1024, s, s) is not None), 1025)
+        return t, s
+
+    def _shape_error(self, frames: int, height: int, width: int) -> ConfigError:
+        min_t, min_s = self.min_input()
+        what = []
+        if frames < min_t:
+            what.append(f"{frames} frames is too short for the temporal strides of layout {self.layout} "
+                        f"(needs >= {min_t} frames)")
+        if min(height, width) < min_s:
+            what.append(f"{height}x{width} is too small for the stem and stage strides (needs >= {min_s}x{min_s})")
+        if not what:
+            what.append(f"clip {frames}x{height}x{width} does not fit (needs >= {min_t} frames and >= {min_s} px)")
+        return ConfigError("input clip: " + "; ".join(what))
+
+    def check_input(self, x_shape: Sequence[int]) -> None:
+        """Raise ConfigError unless (B, 3, T, H, W) (or (3, T, H, W)) is a clip this model can run."""
+        shape = tuple(x_shape)
+        if len(shape) == 4:
+            shape = (1, *shape)
+        if len(shape) != 5 or shape[1] != 3:
+            raise ConfigError(f"input shape {tuple(x_shape)}: expected (B, 3, T, H, W)")
+        self.feature_grids(*shape[2:])
+
+
+def _make_nonlocal(dim: int, kwargs: dict[str, Any]) -> nn.Module:
+    from nlvid.models.nonlocal_block import NonLocalBlock  # written in parallel; imported only when needed
+
+    return NonLocalBlock(dim, None, **kwargs)
+
+
+def _nl_pool_size(block: nn.Module) -> tuple[int, int, int]:
+    pool = getattr(block, "pool_size", None)
+    if pool is None:
+        return (1, 1, 1)
+    pool = tuple(pool) if isinstance(pool, (tuple, list)) else (pool,) * 3
+    return tuple(int(p) for p in pool[-3:]) if len(pool) >= 3 else (1, 1, 1)  # type: ignore[return-value]
+
+
+def validate_nonlocal_blocks(placement: dict[str, Sequence[int]], depths: Sequence[int]) -> dict[str, list[int]]:
+    """Check {"res3": [1, 3], ...}: known stages, integer block indices inside the stage, no repeats."""
+    if not isinstance(placement, dict):
+        raise ConfigError(f"nonlocal_blocks {placement!r}: expected a mapping like {{res3: [1, 3], res4: [1, 3, 5]}}")
+    out: dict[str, list[int]] = {}
+    for stage, idx in placement.items():
+        if stage not in STAGES:
+            raise ConfigError(f"nonlocal_blocks: unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
+        depth = depths[STAGES.index(stage)]
+        if isinstance(idx, int) and not isinstance(idx, bool):
+            idx = [idx]
+        if not isinstance(idx, (list, tuple)):
+            raise ConfigError(f"nonlocal_blocks.{stage}: expected a list of block indices, got {idx!r}")
+        seen: list[int] = []
+        for i in idx:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < depth:
+                raise ConfigError(
+                    f"nonlocal_blocks.{stage}: block index {i!r} is out of range; {stage} has {depth} blocks "
+                    f"(allowed 0..{depth - 1})"
+                )
+            if i in seen:
+                raise ConfigError(f"nonlocal_blocks.{stage}: block index {i} is listed twice")
+            seen.append(i)
+        if seen:
+            out[stage] = sorted(seen)
+    return out
