@@ -1,8 +1,70 @@
-"""`nlvid eval` (not implemented yet: says so and exits 1)."""
+"""`nlvid eval CHECKPOINT DATA_DIR`: multi-view testing (clips x crops, softmax averaged per video)."""
 
-from nlvid.cli.common import not_available
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from nlvid.cli.common import JsonOption, err_console, out_console
 
 
-def evaluate() -> None:
-    """Not available yet."""
-    not_available("eval")
+def report_tables(report: dict[str, Any]):
+    from rich.table import Table
+
+    from nlvid.engine.evaluate import format_percent as pct
+
+    summary = Table(title=f"{report['num_videos']} videos, {report['num_clips']} clips x {report['num_crops']} "
+                          f"crops per video", title_justify="left")
+    for col in ("video top-1", f"video top-{report['topk']}", "clip top-1", "mean class acc"):
+        summary.add_column(col, justify="right")
+    summary.add_row(pct(report["top1"]), pct(report["top5"]), pct(report["clip_top1"]),
+                    pct(report["mean_class_accuracy"]))
+    per = Table(title="per class", title_justify="left")
+    per.add_column("class")
+    per.add_column("videos", justify="right")
+    per.add_column("accuracy", justify="right")
+    for name, r in report["per_class"].items():
+        if r["num_videos"]:
+            per.add_row(name, str(r["num_videos"]), pct(r["accuracy"]))
+    return summary, per
+
+
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="An nlvid checkpoint (best.pt / last.pt).", show_default=False)],
+    data: Annotated[Path, typer.Argument(help="Videos: folder per class, a root with val/ (evaluated), or an "
+                                              "annotation list.", show_default=False)],
+    clips: Annotated[Optional[int], typer.Option("--clips", help="Clips per video (default: the checkpoint's "
+                                                 "config, 10 for the paper protocol).")] = None,
+    crops: Annotated[Optional[int], typer.Option("--crops", help="Spatial crops per clip: 1 or 3.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Clips per forward pass.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where predictions.csv, confusion.png and "
+                                                "report.json go. Default: <checkpoint dir>/eval-<name>.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Data loading processes.")] = None,
+    json_: JsonOption = False,
+) -> None:
+    """Evaluate a checkpoint: video top-1/top-5, clip accuracy, mean class accuracy, per-class accuracy."""
+    from nlvid.engine.evaluate import evaluate_checkpoint, public_report
+
+    def progress(event: str, **d: Any) -> None:
+        if event == "scan" and not json_:
+            from nlvid.data import format_scan_table
+
+            err_console.print(format_scan_table(d["index"]))
+        elif event == "eval_start":
+            err_console.print(f"evaluating {d['num_videos']} videos x {d['views']} views ...", highlight=False)
+
+    report = evaluate_checkpoint(checkpoint, data, clips=clips, crops=crops, batch_size=batch_size,
+                                 num_workers=workers, device=device, out=out, progress=progress)
+    for note in report["notes"]:
+        err_console.print(note, highlight=False)
+    if json_:
+        typer.echo(json.dumps(public_report(report), indent=2))
+        return
+    for table in report_tables(report):
+        out_console.print(table)
+    out_console.print(f"predictions: {report['predictions_file']}", highlight=False)
+    out_console.print(f"confusion matrix: {report['confusion_png']}", highlight=False)

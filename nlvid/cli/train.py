@@ -1,8 +1,207 @@
-"""`nlvid train` (not implemented yet: says so and exits 1)."""
+"""`nlvid train DATA_DIR`: train a (Non-local) video classifier; `torchrun -m nlvid train ...` for several GPUs."""
 
-from nlvid.cli.common import not_available
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from nlvid.cli.common import SetOption, err_console, out_console
 
 
-def train() -> None:
-    """Not available yet."""
-    not_available("train")
+def _fmt_eta(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class LineReporter:
+    """Plain log lines on stderr (when stderr is not a terminal): every log_every steps and per epoch."""
+
+    def __init__(self, console=None):
+        self.console = console or err_console
+        self.epochs: list[dict[str, Any]] = []
+        self.t0 = time.perf_counter()
+        self.total_steps = 0
+        self.first_step = 0
+
+    def print(self, text: str) -> None:
+        self.console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+    def __call__(self, event: str, **d: Any) -> None:
+        getattr(self, f"on_{event}", lambda **_: None)(**d)
+
+    def on_message(self, text: str) -> None:
+        self.print(text)
+
+    def on_scan(self, split: str, index: Any) -> None:
+        from nlvid.data import format_scan_table
+
+        self.console.print(format_scan_table(index))
+
+    def on_start(self, **d: Any) -> None:
+        self.total_steps, self.first_step = d["total_steps"], d["step"]
+        self.t0 = time.perf_counter()
+        for line in d.get("init") or []:
+            self.print(line)
+        if d["resumed"]:
+            self.print(f"resuming {d['run_dir']} from epoch {d['start_epoch'] + 1}, batch {d['start_batch']} "
+                       f"(step {d['step']} of {d['total_steps']})")
+        self.print(
+            f"training {d['model']} on {d['num_train']} clips ({len(d['classes'])} classes), "
+            f"validation {d['num_val']} videos; {d['epochs']} epochs x {d['steps_per_epoch']} steps, "
+            f"global batch {d['global_batch']}, {d['world_size']} process(es) on {d['device']}; "
+            f"best.pt chosen by {'validation video top-1' if d['metric'] == 'val_top1' else 'TRAIN accuracy (no validation data)'}"
+        )
+
+    def _eta(self, step: int) -> str:
+        done = step - self.first_step
+        if done <= 0:
+            return "?"
+        rate = (time.perf_counter() - self.t0) / done
+        return _fmt_eta(rate * (self.total_steps - step))
+
+    def on_step(self, record: dict[str, Any], log: bool) -> None:
+        if not log:
+            return
+        r = record
+        self.print(f"epoch {r['epoch']} step {r['step']}/{self.total_steps} batch {r['batch']}/{r['batches']}  "
+                   f"loss {r['loss']:.4f}  acc {100 * r['acc']:.1f}%  lr {r['lr']:.3g}  "
+                   f"{r['clips_per_s']:.1f} clips/s  data {100 * r['data_fraction']:.0f}%  ETA {self._eta(r['step'])}")
+
+    def on_checkpoint(self, path: str, step: int) -> None:
+        pass
+
+    def on_eval_start(self, num_videos: int, views: int) -> None:
+        pass
+
+    def on_epoch(self, record: dict[str, Any], metric: str) -> None:
+        self.epochs.append(record)
+        r = record
+        val = f"  val top1 {100 * r['val_top1']:.1f}% top5 {100 * r['val_top5']:.1f}%" if "val_top1" in r else ""
+        star = "  *best*" if r["is_best"] else ""
+        self.print(f"epoch {r['epoch']} done: train loss {r['train_loss']:.4f} acc {100 * r['train_acc']:.1f}%{val}"
+                   f"{star}  ETA {self._eta(r['step'])}")
+
+    def on_end(self, result: dict[str, Any]) -> None:
+        if self.epochs:
+            self.console.print(epoch_table(self.epochs))
+
+
+def epoch_table(epochs: list[dict[str, Any]]):
+    from rich.table import Table
+
+    has_val = any("val_top1" in r for r in epochs)
+    t = Table(title="epochs", title_justify="left")
+    for col in ["epoch", "train loss", "train acc"] + (["val top1", "val top5", "val clip", "mean class"]
+                                                        if has_val else []) + ["lr", ""]:
+        t.add_column(col, justify="right")
+    for r in epochs:
+        row = [str(r["epoch"]), f"{r['train_loss']:.4f}", f"{100 * r['train_acc']:.1f}%"]
+        if has_val:
+            row += [f"{100 * r[k]:.1f}%" if r.get(k) is not None else "-"
+                    for k in ("val_top1", "val_top5", "val_clip_top1", "val_mean_class_acc")]
+        row += [f"{r['lr']:.3g}", "*" if r.get("is_best") else ""]
+        t.add_row(*row)
+    return t
+
+
+class RichReporter(LineReporter):
+    """Progress bars (epoch and step: loss, acc, lr, clips/s, ETA) on a terminal."""
+
+    def __init__(self, console=None):
+        super().__init__(console)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"), console=self.console, transient=False,
+        )
+        self.epoch_task = self.step_task = None
+
+    def print(self, text: str) -> None:
+        (self.progress.console if self.progress.live.is_started else self.console).print(
+            text, highlight=False, markup=False, soft_wrap=True)
+
+    def on_start(self, **d: Any) -> None:
+        super().on_start(**d)
+        self.progress.start()
+        self.epoch_task = self.progress.add_task("epochs", total=d["epochs"], completed=d["start_epoch"], info="")
+        self.step_task = self.progress.add_task("steps", total=d["batches_per_epoch"], info="")
+
+    def on_epoch_start(self, epoch: int, batches: int, first_batch: int, step: int) -> None:
+        self.progress.update(self.step_task, total=batches, completed=first_batch,
+                             description=f"epoch {epoch + 1}")
+
+    def on_step(self, record: dict[str, Any], log: bool) -> None:
+        r = record
+        info = f"loss {r['loss']:.3f}  lr {r['lr']:.2g}"
+        if "acc" in r:
+            info += f"  acc {100 * r['acc']:.0f}%  {r['clips_per_s']:.1f} clips/s"
+        self.progress.update(self.step_task, completed=r["batch"], info=info)
+
+    def on_epoch(self, record: dict[str, Any], metric: str) -> None:
+        super().on_epoch(record, metric)
+        self.progress.update(self.epoch_task, completed=record["epoch"],
+                             info=f"best {100 * max(record['best'], 0):.1f}%")
+
+    def on_end(self, result: dict[str, Any]) -> None:
+        self.progress.stop()
+        super().on_end(result)
+
+
+def make_reporter():
+    return RichReporter() if err_console.is_terminal else LineReporter()
+
+
+def train(
+    data: Annotated[Path, typer.Argument(help="Videos: a folder per class, a root with train/ and val/, or an "
+                                              "annotation list (.csv/.txt/.json).", show_default=False)],
+    config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML file, bundled config (tiny) or "
+                                                  "model preset (c2d_r50_nl5). Default: tiny.")] = None,
+    val: Annotated[Optional[Path], typer.Option("--val", help="Validation videos (folder or list); implied by "
+                                                "DATA/val.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder. Default: "
+                                                "runs/<config>-<timestamp>.")] = None,
+    set_: SetOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt "
+                                         "(also automatic when --out already holds one).")] = False,
+    init: Annotated[Optional[str], typer.Option("--init", help="Initial weights FORMAT=PATH: imagenet=PATH, "
+                                                "pyslowfast=, caffe2=, mmaction2=, nlvid=.", metavar="FORMAT=PATH")]
+    = None,
+) -> None:
+    """Train a video classifier; writes config.yaml, classes.txt, metrics.jsonl, last.pt and best.pt into --out.
+
+    Multi-GPU / multi-node: torchrun --nproc_per_node 8 -m nlvid train DATA --config c2d_r50_nl5 --out runs/x
+    """
+    from nlvid.config import load_config
+    from nlvid.engine.distributed import env_info
+    from nlvid.engine.train import train as run_train
+    from nlvid.errors import ConfigError
+
+    resuming = resume or (out is not None and (out / "last.pt").exists())
+    if resume and out is None:
+        raise ConfigError("--resume needs --out RUN_DIR (the run folder to continue)")
+    if resuming and config is None and not set_:
+        cfg = None
+    else:
+        cfg = load_config(config or "tiny", set_ or [])
+    if out is None:
+        name = Path(config).stem if config else "tiny"
+        out = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    main = env_info().is_main
+    if resuming and main:
+        err_console.print(f"resuming the run in {out} from {out / 'last.pt'}", highlight=False)
+    result = run_train(cfg, data=data, val=val, out=out, resume=resume, init=init,
+                       progress=make_reporter() if main else None)
+    if not main:
+        return
+    best = result["best_acc"]
+    what = "validation video top-1" if result["best_metric"] == "val_top1" else "train accuracy (no validation data)"
+    out_console.print(f"run folder: {result['run_dir']}", highlight=False)
+    out_console.print(f"best {what}: {100 * best:.1f}% (epoch {result['best_epoch']}) -> {result['best_path']}"
+                      if best is not None else "no epoch finished", highlight=False)
+    out_console.print(f"last checkpoint: {result['last_path']} (step {result['steps']})", highlight=False)
+    out_console.print(f"metrics: {result['metrics_path']}", highlight=False)

@@ -1,0 +1,413 @@
+"""Evaluation: multi-view testing (clips x crops), softmax scores averaged per video, clip and video accuracy,
+per-class accuracy, confusion matrix (PNG drawn with PIL), predictions file.
+
+Plain functions; nothing here prints. `progress(event, **data)` callbacks report progress when given.
+Shapes: B videos per batch, V views per video (num_clips * num_crops), K classes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nlvid.errors import CheckpointError, ConfigError
+
+Progress = Callable[..., None]
+
+
+# --------------------------------------------------------------------------------------------- core maths
+
+
+def average_views(view_logits: torch.Tensor) -> torch.Tensor:
+    """(B, V, K) logits of V views per video -> (B, K) video scores: the mean of the per-view softmax (paper 5)."""
+    return F.softmax(view_logits.float(), dim=-1).mean(dim=1)
+
+
+def autocast_context(device: torch.device, amp: str):
+    if amp == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ConfigError("train.amp 'fp16' needs a CUDA device; use 'bf16' (or 'none') on the CPU")
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def collect_scores(
+    model: torch.nn.Module,
+    loader: Any,
+    *,
+    device: torch.device | str = "cpu",
+    amp: str = "none",
+    chunk: int = 16,
+    label_map: Sequence[int] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run `model` over a loader of test items `(views (B, V, 3, T, S, S), label (B,), index (B,))`.
+
+    Returns {"indices": (N,) int64, "labels": (N,) int64 (model class space), "scores": (N, K) float32 video scores,
+    "view_correct": int, "view_total": int}. `label_map[data_label] -> model class` when the data's classes are a
+    subset of the model's. The forward pass runs `chunk` views at a time (memory stays bounded for 30 views).
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    idx_all, lab_all, score_all = [], [], []
+    view_correct = view_total = 0
+    total = len(loader) if hasattr(loader, "__len__") else None
+    try:
+        for bi, (views, labels, index) in enumerate(loader):
+            b, v = views.shape[:2]
+            flat = views.reshape(b * v, *views.shape[2:])  # (B, V, 3, T, S, S) -> (B*V, 3, T, S, S)
+            logits = []
+            for s in range(0, flat.shape[0], max(1, chunk)):
+                x = flat[s : s + chunk].to(device, non_blocking=True)
+                with autocast_context(device, amp):
+                    logits.append(model(x).float().cpu())
+            view_logits = torch.cat(logits).reshape(b, v, -1)  # (B*V, K) -> (B, V, K)
+            labels = torch.as_tensor(labels, dtype=torch.long)
+            if label_map is not None:
+                labels = torch.as_tensor([label_map[int(y)] for y in labels], dtype=torch.long)
+            view_correct += int((view_logits.argmax(-1) == labels[:, None]).sum())
+            view_total += b * v
+            score_all.append(average_views(view_logits))
+            lab_all.append(labels)
+            idx_all.append(torch.as_tensor(index, dtype=torch.long))
+            if progress is not None:
+                progress("eval_step", done=bi + 1, total=total)
+    finally:
+        model.train(was_training)
+    if not score_all:
+        return {"indices": torch.zeros(0, dtype=torch.long), "labels": torch.zeros(0, dtype=torch.long),
+                "scores": torch.zeros(0, 0), "view_correct": 0, "view_total": 0}
+    return {
+        "indices": torch.cat(idx_all),
+        "labels": torch.cat(lab_all),
+        "scores": torch.cat(score_all),
+        "view_correct": view_correct,
+        "view_total": view_total,
+    }
+
+
+def merge_scores(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Combine `collect_scores` results of several processes; duplicates (DDP padding) are dropped by index."""
+    idx = torch.cat([p["indices"] for p in parts])
+    labels = torch.cat([p["labels"] for p in parts])
+    scores = torch.cat([p["scores"] for p in parts if p["scores"].numel()] or [torch.zeros(0, 0)])
+    keep: dict[int, int] = {}
+    for pos, i in enumerate(idx.tolist()):
+        keep.setdefault(i, pos)
+    order = sorted(keep)
+    sel = torch.as_tensor([keep[i] for i in order], dtype=torch.long)
+    return {
+        "indices": idx[sel],
+        "labels": labels[sel],
+        "scores": scores[sel] if scores.numel() else scores,
+        "view_correct": sum(p["view_correct"] for p in parts),
+        "view_total": sum(p["view_total"] for p in parts),
+    }
+
+
+def confusion_matrix(labels: Sequence[int], preds: Sequence[int], num_classes: int) -> np.ndarray:
+    """(K, K) counts; row = true class, column = predicted class."""
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    for y, p in zip(labels, preds):
+        cm[int(y), int(p)] += 1
+    return cm
+
+
+def build_report(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    classes: Sequence[str],
+    *,
+    indices: torch.Tensor | None = None,
+    paths: Sequence[str] | None = None,
+    view_correct: int = 0,
+    view_total: int = 0,
+) -> dict[str, Any]:
+    """Accuracy report from video scores (N, K) and true labels (N,) in the model's class space."""
+    n, k = len(labels), len(classes)
+    if n == 0:
+        raise ConfigError("nothing to evaluate: the dataset has no readable videos")
+    scores = scores.float()
+    labels = labels.long()
+    topk = min(5, k)
+    top = scores.topk(topk, dim=1).indices  # (N, topk)
+    preds = top[:, 0]
+    correct1 = preds == labels
+    correct5 = (top == labels[:, None]).any(dim=1)
+    cm = confusion_matrix(labels.tolist(), preds.tolist(), k)
+    per_class: dict[str, dict[str, Any]] = {}
+    accs = []
+    for c, name in enumerate(classes):
+        count = int(cm[c].sum())
+        acc = float(cm[c, c] / count) if count else None
+        if acc is not None:
+            accs.append(acc)
+        per_class[name] = {"accuracy": acc, "num_videos": count, "correct": int(cm[c, c])}
+    predictions = []
+    for row in range(n):
+        item = int(indices[row]) if indices is not None else row
+        predictions.append({
+            "index": item,
+            "path": str(paths[item]) if paths is not None else None,
+            "label": classes[int(labels[row])],
+            "pred": classes[int(preds[row])],
+            "score": float(scores[row, preds[row]]),
+            "correct": bool(correct1[row]),
+            "top5": [classes[int(j)] for j in top[row]],
+            "top5_scores": [round(float(scores[row, j]), 6) for j in top[row]],
+        })
+    return {
+        "top1": float(correct1.float().mean()),
+        "top5": float(correct5.float().mean()),
+        "topk": topk,
+        "clip_top1": float(view_correct / view_total) if view_total else None,
+        "mean_class_accuracy": float(np.mean(accs)) if accs else 0.0,
+        "num_videos": n,
+        "num_views": int(view_total // n) if view_total else None,
+        "num_classes": k,
+        "classes": list(classes),
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+        "predictions": predictions,
+    }
+
+
+def evaluate(
+    model: torch.nn.Module,
+    data: Any,
+    classes: Sequence[str],
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    num_workers: int = 0,
+    amp: str = "none",
+    label_map: Sequence[int] | None = None,
+    paths: Sequence[str] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Evaluate `model` on `data` (a test-mode VideoDataset, or any iterable of `(views, labels, index)` batches).
+
+    `batch_size` is in clips (views); videos are loaded a few at a time so that one batch holds about that many
+    views. Returns the report of `build_report` (keys top1, top5, clip_top1, mean_class_accuracy, num_videos,
+    per_class, confusion_matrix, predictions).
+    """
+    loader = data
+    if isinstance(data, torch.utils.data.Dataset):
+        from nlvid.data import make_loader
+
+        views = max(1, int(getattr(data, "num_clips", 1)) * int(getattr(data, "num_crops", 1)))
+        loader = make_loader(data, batch_size=max(1, batch_size // views), shuffle=False,
+                             num_workers=num_workers, seed=0)
+        if paths is None and hasattr(data, "items"):
+            paths = [str(p) for p, _ in data.items]
+    res = collect_scores(model, loader, device=device, amp=amp, chunk=batch_size, label_map=label_map,
+                         progress=progress)
+    return build_report(res["scores"], res["labels"], classes, indices=res["indices"], paths=paths,
+                        view_correct=res["view_correct"], view_total=res["view_total"])
+
+
+# ------------------------------------------------------------------------------------------ class mapping
+
+
+def match_classes(model_classes: Sequence[str], data_classes: Sequence[str], *, checkpoint: str = "checkpoint",
+                  data: str = "data") -> tuple[list[int] | None, str | None]:
+    """Map data labels onto the model's classes by name. -> (label_map or None if identical, note or None).
+
+    Raises CheckpointError when some data class is unknown to the model (the checkpoint was trained on other
+    classes)."""
+    model_classes, data_classes = list(model_classes), list(data_classes)
+    if model_classes == data_classes:
+        return None, None
+    pos = {name: i for i, name in enumerate(model_classes)}
+    missing = [c for c in data_classes if c not in pos]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        have = ", ".join(model_classes[:8]) + (" ..." if len(model_classes) > 8 else "")
+        raise CheckpointError(
+            f"{checkpoint}: classes do not match {data}: {len(missing)} of the data's {len(data_classes)} classes "
+            f"are unknown to the checkpoint ({shown}); the checkpoint's {len(model_classes)} classes: {have}"
+        )
+    note = None
+    if len(data_classes) < len(model_classes):
+        note = (f"the data has {len(data_classes)} of the checkpoint's {len(model_classes)} classes; "
+                f"labels mapped by class name")
+    else:
+        note = "the data lists the checkpoint's classes in another order; labels mapped by class name"
+    return [pos[c] for c in data_classes], note
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def render_confusion_png(cm: np.ndarray | list, classes: Sequence[str], path: str | Path, *,
+                         title: str = "confusion matrix (rows: true class, columns: predicted)") -> Path:
+    """Draw a row-normalised confusion matrix with class names and counts; PIL only."""
+    from PIL import Image, ImageDraw
+
+    cm = np.asarray(cm, dtype=np.int64)
+    k = len(classes)
+    names = [c if len(c) <= 28 else c[:26] + ".." for c in classes]
+    cell = max(18, min(48, 900 // max(k, 1)))
+    fsize = max(9, min(14, cell - 6))
+    font, small = _font(fsize), _font(max(8, fsize - 3))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max(int(probe.textlength(n, font=font)) for n in names) + 12 if k else 40
+    top = label_w + 30
+    left = label_w
+    w, h = left + k * cell + 20, top + k * cell + 40
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.text((8, 6), title, fill="black", font=small)
+    rows = cm.sum(axis=1, keepdims=True).clip(min=1)
+    norm = cm / rows
+    for i in range(k):
+        for j in range(k):
+            v = float(norm[i, j])
+            shade = int(255 - 200 * v)
+            color = (shade, shade, 255) if i != j else (shade, 255, shade)
+            x0, y0 = left + j * cell, top + i * cell
+            d.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=color, outline=(200, 200, 200))
+            if cm[i, j] and cell >= 18:
+                txt = str(int(cm[i, j]))
+                tw = probe.textlength(txt, font=small)
+                d.text((x0 + (cell - tw) / 2, y0 + cell / 2 - fsize / 2), txt, fill="black", font=small)
+        tw = probe.textlength(names[i], font=font)
+        d.text((left - tw - 6, top + i * cell + cell / 2 - fsize / 2), names[i], fill="black", font=font)
+    # column labels: drawn horizontally on a strip, rotated 90 degrees, pasted above the grid
+    strip = Image.new("RGB", (label_w + 10, k * cell if k else 1), "white")
+    sd = ImageDraw.Draw(strip)
+    for j in range(k):
+        sd.text((4, (k - 1 - j) * cell + cell / 2 - fsize / 2), names[j], fill="black", font=font)
+    img.paste(strip.rotate(90, expand=True), (left, top - label_w - 10))
+    d.text((left, top + k * cell + 8), "predicted ->", fill="gray", font=small)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def write_predictions(report: dict[str, Any], path: str | Path) -> Path:
+    """One CSV row per video: path, label, prediction, its score, correct, top-5 (classes separated by '|')."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "pred", "score", "correct", "top5", "top5_scores"])
+        for p in report["predictions"]:
+            w.writerow([p["path"], p["label"], p["pred"], f"{p['score']:.6f}", int(p["correct"]),
+                        "|".join(p["top5"]), "|".join(f"{s:.6f}" for s in p["top5_scores"])])
+    return path
+
+
+def public_report(report: dict[str, Any]) -> dict[str, Any]:
+    """The report without the per-video list (what `nlvid eval --json` prints; predictions go to a file)."""
+    return {k: v for k, v in report.items() if k != "predictions"}
+
+
+# ------------------------------------------------------------------------------------------ checkpoint + folder
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: str | Path,
+    *,
+    clips: int | None = None,
+    crops: int | None = None,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    device: str = "auto",
+    amp: str | None = None,
+    out: str | Path | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """`nlvid eval`: load a checkpoint, pick the split (DATA/val if it exists), check classes, multi-view test,
+    write `confusion.png` and `predictions.csv` (and `report.json`) into `out`. Returns the report (with
+    `notes`, `out_dir`, `predictions_file`, `confusion_png`)."""
+    from nlvid.data import VideoDataset, resolve_splits, scan_dataset
+    from nlvid.engine.checkpoint import load_model
+
+    checkpoint = Path(checkpoint)
+    dev = resolve_device(device)
+    model, model_classes, cfg = load_model(checkpoint, device=dev)
+    d = cfg.data
+    clips = d.num_clips if clips is None else clips
+    crops = d.num_crops if crops is None else crops
+    if clips < 1:
+        raise ConfigError(f"--clips must be >= 1, got {clips}")
+    if crops not in (1, 3):
+        raise ConfigError(f"--crops must be 1 or 3, got {crops}")
+    train_src, val_src = resolve_splits(data)
+    source = val_src if val_src is not None else train_src
+    notes = []
+    if val_src is not None:
+        notes.append(f"evaluating the validation split {val_src}")
+    index = scan_dataset(source, on_error=d.on_error)
+    if progress is not None:
+        progress("scan", split="eval", index=index)
+    label_map, note = match_classes(model_classes, index.classes, checkpoint=str(checkpoint), data=str(source))
+    if note:
+        notes.append(note)
+    if not index.items:
+        raise ConfigError(f"{source}: no readable videos to evaluate")
+    ds = VideoDataset(
+        index.items, train=False, num_frames=d.num_frames, stride=d.stride, test_short_side=d.test_short_side,
+        test_crop_size=d.test_crop_size, num_clips=clips, num_crops=crops, mean=tuple(d.mean), std=tuple(d.std),
+        on_error=d.on_error, seed=cfg.train.seed,
+    )
+    if progress is not None:
+        progress("eval_start", num_videos=len(ds), views=clips * crops)
+    report = evaluate(
+        model, ds, model_classes, device=dev, batch_size=batch_size or max(cfg.train.batch_size, clips * crops),
+        num_workers=d.num_workers if num_workers is None else num_workers,
+        amp=cfg.train.amp if amp is None else amp, label_map=label_map,
+        paths=[str(p) for p, _ in index.items], progress=progress,
+    )
+    out_dir = Path(out) if out is not None else checkpoint.parent / f"eval-{checkpoint.stem}"
+    report["checkpoint"] = str(checkpoint)
+    report["data"] = str(source)
+    report["num_clips"], report["num_crops"] = clips, crops
+    report["notes"] = notes
+    report["unreadable"] = [[str(p), r] for p, r in getattr(index, "unreadable", [])]
+    report["out_dir"] = str(out_dir)
+    report["predictions_file"] = str(write_predictions(report, out_dir / "predictions.csv"))
+    report["confusion_png"] = str(render_confusion_png(report["confusion_matrix"], model_classes,
+                                                       out_dir / "confusion.png"))
+    (out_dir / "report.json").write_text(json.dumps(public_report(report), indent=2))
+    return report
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but CUDA is not available; use --set train.device=cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device {device!r} is not valid; use auto, cpu, cuda or cuda:N") from None
+
+
+def format_percent(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
