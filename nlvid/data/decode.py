@@ -1,0 +1,549 @@
+"""Video decoding with PyAV: open robustly, seek, decode only the frames a clip needs, RGB uint8 always.
+
+Time axis: every timestamp in this module is in seconds from the video's first frame (0.0 = first frame). The
+origin is the smallest pts among the first demuxed packets (not the container's start_time, which is off by one
+frame for packed-B-frame AVIs and by 33 ms for some MKVs).
+
+Frame selection is by timestamp, never by counting decoded frames: for a wanted time t we return the last frame
+whose presentation time is <= t (the frame whose display interval contains t); times before the first frame get
+the first frame. Decoders emit frames in display order, but some containers label them with wrong pts (packed
+B-frames in DivX/XviD AVIs carry the pts of the packet they were packed into: decoded order 1, 4, 3, 6, 5, ...). We
+therefore keep the decoder's output order and give the k-th output frame the k-th smallest pts seen so far (a
+small reordering window). Sorting frames by their pts instead would swap every B/P pair in those files: the mean
+absolute difference between consecutive frames rises from 4.3 to 5.9 (RATRACE_wave*.avi).
+
+Only what a clip needs is decoded: we seek to the keyframe at or before the first wanted time and stop as soon
+as the last wanted time is answered. Work is bounded (a frame budget and a wall-clock limit), so a broken file
+raises DecodeError instead of hanging.
+
+Rotation side data (display matrix, e.g. phone videos) is honoured: frames come back as they should be displayed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from nlvid.errors import DecodeError
+
+# How many decoded frames may arrive before an earlier-labelled one (packed B-frames need 1-2).
+_REORDER_WINDOW = 4
+# Packets demuxed at open to find the time origin.
+_ORIGIN_PACKETS = 8
+# Default wall-clock limit for one read (seconds).
+DEFAULT_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """Container metadata of one video.
+
+    duration: seconds (first frame to end); fps: average frame rate; num_frames: frame count from the header, or
+    from a demux-only packet scan when the header has none (may be off by one for broken headers: frames are
+    always selected by time, so this never matters for decoding); width/height: size of the frames as returned
+    (i.e. after rotation); rotation: degrees counter-clockwise the decoder output must be turned to display
+    upright (0, 90, 180, 270; what `read_clip` already applies).
+    """
+
+    duration: float
+    fps: float
+    num_frames: int
+    width: int
+    height: int
+    rotation: int
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Opening
+
+
+def _open(path: Path):
+    """av.open with the failure modes turned into DecodeError; returns (container, video stream)."""
+    import av
+
+    if not path.exists():
+        raise DecodeError(path, "file not found")
+    if path.is_dir():
+        raise DecodeError(path, "is a directory, not a video file")
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise DecodeError(path, f"cannot stat file ({e.strerror or e})") from None
+    if size == 0:
+        raise DecodeError(path, "empty file (0 bytes)")
+    try:
+        container = av.open(str(path), metadata_errors="ignore")
+    except av.FFmpegError as e:
+        raise DecodeError(path, f"not a readable video container ({_ffmpeg_msg(e)})") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DecodeError(path, f"cannot open ({type(e).__name__}: {e})") from None
+    if not container.streams.video:
+        container.close()
+        raise DecodeError(path, "no video stream (audio-only or not a video)")
+    stream = container.streams.video[0]
+    if stream.codec_context is None or stream.codec_context.name is None:
+        container.close()
+        raise DecodeError(path, "video stream has no decodable codec")
+    return container, stream
+
+
+def _ffmpeg_msg(e: Exception) -> str:
+    msg = getattr(e, "strerror", None) or str(e)
+    return f"{type(e).__name__}: {msg}"
+
+
+class _Video:
+    """One open video: stream metadata plus the time origin; `decode_times` does the actual work."""
+
+    def __init__(self, path: str | Path, *, timeout: float = DEFAULT_TIMEOUT):
+        self.path = Path(path)
+        self.timeout = timeout
+        self.container, self.stream = _open(self.path)
+        try:
+            self._read_metadata()
+        except DecodeError:
+            self.close()
+            raise
+        except Exception as e:  # noqa: BLE001 - any demux failure is a broken file
+            self.close()
+            raise DecodeError(self.path, f"cannot read stream metadata ({_ffmpeg_msg(e)})") from None
+
+    def close(self) -> None:
+        try:
+            self.container.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def __enter__(self) -> _Video:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- metadata ------------------------------------------------------------------------------------------------
+
+    def _read_metadata(self) -> None:
+        s = self.stream
+        self.tb = s.time_base or Fraction(1, 1000)
+        rate = s.average_rate or s.guessed_rate or s.base_rate
+        self.fps = float(rate) if rate else 0.0
+        if not (0.1 <= self.fps <= 1000):
+            self.fps = 0.0
+        # Origin: smallest pts among the first packets (demux only).
+        first = []
+        for packet in self.container.demux(s):
+            if packet.pts is not None:
+                first.append(packet.pts)
+            elif packet.dts is not None:
+                first.append(packet.dts)
+            if len(first) >= _ORIGIN_PACKETS:
+                break
+        if not first:
+            raise DecodeError(self.path, "video stream has no packets")
+        self.origin_pts = min(first)
+        self._at_start = False  # demux moved on; the next decode seeks
+        # Duration: stream header, else container, else packet scan.
+        self.duration = None
+        start = s.start_time if s.start_time is not None else self.origin_pts
+        if s.duration:
+            self.duration = float((s.duration + start - self.origin_pts) * self.tb)
+        elif self.container.duration:
+            self.duration = self.container.duration / 1_000_000 - float((self.origin_pts) * self.tb)
+        self.header_frames = s.frames or 0
+        self._scanned = False
+        if self.duration is None or self.duration <= 0 or self.fps == 0.0:
+            self._packet_scan()
+
+    def _packet_scan(self) -> None:
+        """Demux-only pass: frame count, end time and rate when the header lacks them (MKV, broken files)."""
+        if self._scanned:
+            return
+        self._scanned = True
+        s = self.stream
+        count, end, pts_list = 0, None, []
+        self._seek_start()
+        try:
+            for packet in self.container.demux(s):
+                if packet.size == 0 or (packet.pts is None and packet.dts is None):
+                    continue
+                count += 1
+                p = packet.pts if packet.pts is not None else packet.dts
+                if len(pts_list) < 64:
+                    pts_list.append(p)
+                e = p + (packet.duration or 0)
+                end = e if end is None else max(end, e)
+        except Exception:  # noqa: BLE001 - a broken tail: keep what was scanned
+            pass
+        self._at_start = False
+        self.scanned_frames = count
+        if end is not None and (self.duration is None or self.duration <= 0):
+            self.duration = float((end - self.origin_pts) * self.tb)
+        if self.fps == 0.0 and len(pts_list) >= 2:
+            pts_sorted = sorted(pts_list)
+            step = float(np.median(np.diff(pts_sorted)) * self.tb)
+            self.fps = 1.0 / step if step > 0 else 0.0
+        if self.fps == 0.0 and self.duration and count:
+            self.fps = count / self.duration
+        if self.fps == 0.0:
+            self.fps = 25.0  # a single-frame video: any rate works
+        if not self.duration or self.duration <= 0:
+            self.duration = count / self.fps
+
+    @property
+    def num_frames(self) -> int:
+        if self.header_frames > 0:
+            return self.header_frames
+        if not self._scanned:
+            self._packet_scan()
+        return self.scanned_frames or max(1, round(self.duration * self.fps))
+
+    def frame_count_estimate(self) -> int:
+        """Frames from metadata without a scan (used for clip sampling)."""
+        if self.header_frames > 0:
+            return self.header_frames
+        if self._scanned and self.scanned_frames:
+            return self.scanned_frames
+        return max(1, round(self.duration * self.fps))
+
+    # -- decoding ------------------------------------------------------------------------------------------------
+
+    def _seek_start(self) -> None:
+        self.container.seek(self.origin_pts, stream=self.stream, backward=True, any_frame=False)
+
+    def _seek(self, t: float) -> None:
+        target = self.origin_pts + int(math.floor(t / self.tb))
+        if t <= 0:
+            self._seek_start()
+        else:
+            self.container.seek(target, stream=self.stream, backward=True, any_frame=False)
+
+    def decode_times(
+        self,
+        times: Sequence[float],
+        *,
+        allow_partial: bool = False,
+        short_side: int | None = None,
+    ) -> np.ndarray:
+        """Frames (len(times), H, W, 3) uint8 for the wanted times (seconds from the first frame)."""
+        if len(times) == 0:
+            raise ValueError("no timestamps given")
+        wanted = np.asarray(times, dtype=np.float64)
+        order = np.argsort(wanted, kind="stable")
+        t_min, t_max = float(wanted[order[0]]), float(wanted[order[-1]])
+        frame_dur = 1.0 / self.fps if self.fps else 0.04
+        tol = 0.25 * frame_dur  # float noise in pts * time_base vs index / fps
+
+        result = self._decode_sorted(wanted, order, t_min, t_max, tol, frame_dur, short_side, seek=t_min > 0)
+        if result is None:  # the seek landed after t_min: decode from the start instead
+            result = self._decode_sorted(wanted, order, t_min, t_max, tol, frame_dur, short_side, seek=False)
+            if result is None:
+                raise DecodeError(self.path, "seeking to the start of the video failed")
+        out, answered, error = result
+        if error is None:
+            return np.stack(out)
+        got = [out[i] for i in range(len(out)) if answered[i]]
+        partial = np.stack(got) if got else None
+        if allow_partial and partial is not None:
+            return partial
+        n_ok = 0 if partial is None else len(partial)
+        raise DecodeError(self.path, f"{error} ({n_ok} of {len(wanted)} wanted frames decoded)", partial=partial)
+
+    def _decode_sorted(self, wanted, order, t_min, t_max, tol, frame_dur, short_side, *, seek: bool):
+        """One decoding pass. Returns (frames by wanted index, answered flags, error or None), or None when the
+        seek overshot t_min (caller retries from the start)."""
+        import av
+
+        n = len(wanted)
+        out: list = [None] * n
+        answered = [False] * n
+        try:
+            if seek:
+                self._seek(t_min - tol)
+            else:
+                self._seek_start()
+        except av.FFmpegError as e:
+            if seek:
+                return None
+            return out, answered, f"seek failed ({_ffmpeg_msg(e)})"
+
+        # Budget: frames between t_min and t_max, plus up to 60 s of GOP before the seek target.
+        budget = int((t_max - (t_min if seek else 0.0) + 60.0) * max(self.fps, 1.0) * 2) + 1000
+        deadline = time.monotonic() + self.timeout
+        next_w = 0  # position in `order` of the next wanted time to answer
+        cur = None  # (time, av frame) of the last processed frame
+        cache: dict[int, np.ndarray] = {}
+        fifo: list = []  # frames in decoder output order, waiting for a time
+        pts_heap: list = []  # pts values seen, smallest first
+        first_time = None
+        decoded = 0
+        last_pts = None
+        error = None
+
+        def to_rgb(frame) -> np.ndarray:
+            key = id(frame)
+            arr = cache.get(key)
+            if arr is None:
+                arr = _frame_to_rgb(frame, short_side)
+                cache.clear()  # frames are answered in order: only the latest can repeat
+                cache[key] = arr
+            return arr
+
+        def process(t: float, frame) -> bool:
+            """Answer every wanted time before this frame's time with the previous frame. True when done."""
+            nonlocal next_w, cur
+            while next_w < n and wanted[order[next_w]] + tol < t:
+                src = cur[1] if cur is not None else frame  # times before the first frame: first frame
+                out[order[next_w]] = to_rgb(src)
+                answered[order[next_w]] = True
+                next_w += 1
+            cur = (t, frame)
+            return next_w >= n
+
+        done = False
+        try:
+            for packet in self.container.demux(self.stream):
+                for frame in packet.decode():
+                    decoded += 1
+                    p = frame.pts
+                    if p is None:
+                        p = frame.dts
+                    if p is None:
+                        p = (last_pts + 1) if last_pts is not None else self.origin_pts
+                    last_pts = p
+                    heapq.heappush(pts_heap, p)
+                    fifo.append(frame)
+                    while len(fifo) > _REORDER_WINDOW:
+                        t = float((heapq.heappop(pts_heap) - self.origin_pts) * self.tb)
+                        f = fifo.pop(0)
+                        if first_time is None:
+                            first_time = t
+                            if seek and t > t_min + tol:
+                                return None
+                        if process(t, f):
+                            done = True
+                            break
+                    if done:
+                        break
+                    if decoded > budget:
+                        error = f"decoded {decoded} frames without reaching t={t_max:.3f}s (frame budget)"
+                        break
+                    if time.monotonic() > deadline:
+                        error = f"decoding took longer than {self.timeout:.0f}s"
+                        break
+                if done or error:
+                    break
+        except av.FFmpegError as e:
+            error = f"decode error after {decoded} frames ({_ffmpeg_msg(e)})"
+        except (MemoryError, OSError, ValueError, RuntimeError) as e:
+            error = f"decode error after {decoded} frames ({type(e).__name__}: {e})"
+
+        if not done and error is None:
+            # End of stream: flush the decoder, then the reordering window.
+            try:
+                for frame in self.stream.codec_context.decode(None):
+                    p = frame.pts if frame.pts is not None else (last_pts + 1 if last_pts is not None else 0)
+                    last_pts = p
+                    heapq.heappush(pts_heap, p)
+                    fifo.append(frame)
+            except av.FFmpegError:
+                pass
+        if not done:
+            while fifo:
+                t = float((heapq.heappop(pts_heap) - self.origin_pts) * self.tb)
+                f = fifo.pop(0)
+                if first_time is None:
+                    first_time = t
+                    if seek and t > t_min + tol:
+                        return None
+                if process(t, f):
+                    done = True
+                    break
+        if not done:
+            if cur is None:
+                return out, answered, error or "no frames could be decoded"
+            if error is None:
+                # Clean end of stream: the remaining times lie after the last frame -> the last frame.
+                process(math.inf, None)
+            else:
+                # Broken stream: only times inside the last decoded frame's interval are answered.
+                while next_w < n and wanted[order[next_w]] < cur[0] + frame_dur - tol:
+                    out[order[next_w]] = to_rgb(cur[1])
+                    answered[order[next_w]] = True
+                    next_w += 1
+        self._at_start = False
+        return out, answered, error
+
+
+def _frame_to_rgb(frame, short_side: int | None) -> np.ndarray:
+    """RGB uint8 (H, W, 3) as displayed: any pixel format, rotation applied, optional short-side resize."""
+    rot = _rotation_of(frame)
+    w, h = frame.width, frame.height
+    if short_side is not None:
+        # Display size after rotation decides which side is short.
+        dw, dh = (h, w) if rot in (90, 270) else (w, h)
+        scale = short_side / min(dw, dh)
+        nw, nh = max(1, round(dw * scale)), max(1, round(dh * scale))
+        tw, th = (nh, nw) if rot in (90, 270) else (nw, nh)
+        interp = "AREA" if scale < 1 else "BILINEAR"
+        arr = frame.to_ndarray(format="rgb24", width=tw, height=th, interpolation=interp)
+    else:
+        arr = frame.to_ndarray(format="rgb24")
+    if rot:
+        arr = np.ascontiguousarray(np.rot90(arr, k=rot // 90))
+    return arr
+
+
+def _rotation_of(frame) -> int:
+    """Counter-clockwise degrees to display the frame upright, in {0, 90, 180, 270}.
+
+    PyAV 18 exposes the display matrix as `frame.rotation` (av_display_rotation_get: -90 for a phone video shot
+    in portrait); ffmpeg's autorotate turns such a frame 90 degrees clockwise, which is np.rot90(k=-1)."""
+    try:
+        r = frame.rotation
+    except Exception:  # noqa: BLE001 - older PyAV
+        return 0
+    if not r:
+        return 0
+    return int(round(float(r) / 90.0)) % 4 * 90
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def probe(path: str | Path) -> VideoInfo:
+    """Metadata from the container (plus a demux-only packet scan when the header lacks a frame count or
+    duration) and the first decoded frame (rotation, display size; proves the stream decodes)."""
+    import av
+
+    with _Video(path) as v:
+        frame = None
+        try:
+            v._seek_start()
+            for frame in v.container.decode(v.stream):
+                break
+        except av.FFmpegError as e:
+            raise DecodeError(v.path, f"first frame does not decode ({_ffmpeg_msg(e)})") from None
+        if frame is None:
+            raise DecodeError(v.path, "no frames could be decoded")
+        rot = _rotation_of(frame)
+        w, h = (frame.height, frame.width) if rot in (90, 270) else (frame.width, frame.height)
+        return VideoInfo(
+            duration=float(v.duration),
+            fps=float(v.fps),
+            num_frames=int(v.num_frames),
+            width=int(w),
+            height=int(h),
+            rotation=rot,
+        )
+
+
+def read_frames(
+    path: str | Path,
+    timestamps: Sequence[float],
+    *,
+    allow_partial: bool = False,
+    short_side: int | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> np.ndarray:
+    """Frames at the given times (seconds from the first frame), uint8 (N, H, W, 3) in the order given.
+
+    Each time gets the last frame shown at or before it. A stream that breaks part-way raises DecodeError whose
+    `.partial` holds the frames for the times that were reached; with `allow_partial=True` those frames (fewer
+    than asked) are returned instead. `short_side` resizes during colour conversion (swscale, area filter).
+    """
+    with _Video(path, timeout=timeout) as v:
+        return v.decode_times(timestamps, allow_partial=allow_partial, short_side=short_side)
+
+
+def clip_indices(start_index: int, *, num_frames: int, stride: int, total: int) -> np.ndarray:
+    """Frame indices of one clip: start, start+stride, ...; a video shorter than num_frames*stride loops.
+
+    Looping (indices modulo the frame count, starting at 0) keeps the clip's motion and its frame rate; the
+    alternative, PySlowFast's clamping, repeats the last frame for the rest of the clip. A long-enough video never
+    loops: the start is moved back so the clip ends inside the video.
+    """
+    total = max(1, int(total))
+    span = (num_frames - 1) * stride + 1
+    if span > total:
+        return (np.arange(num_frames) * stride) % total
+    start = min(max(0, int(start_index)), total - span)
+    return start + np.arange(num_frames) * stride
+
+
+def read_clip(
+    path: str | Path,
+    *,
+    num_frames: int,
+    stride: int,
+    start: float | None = None,
+    short_side: int | None = None,
+    allow_partial: bool = False,
+) -> np.ndarray:
+    """One clip of `num_frames` frames, `stride` frames apart, uint8 (T, H, W, 3).
+
+    start: seconds from the first frame; None = the clip centred in the video. Frame indices are counted at the
+    stream's average frame rate and turned into times, so variable-frame-rate files get the frames shown at those
+    times. Videos shorter than the clip loop (see `clip_indices`). With allow_partial, a stream that breaks
+    before the clip ends gives the frames that decoded, the last one repeated to fill the clip.
+    """
+    if num_frames < 1 or stride < 1:
+        raise ValueError(f"num_frames and stride must be >= 1 (got {num_frames}, {stride})")
+    with _Video(path) as v:
+        return _read_clip_open(
+            v, num_frames=num_frames, stride=stride, start=start, short_side=short_side, allow_partial=allow_partial
+        )
+
+
+def _read_clip_open(v: _Video, *, num_frames, stride, start, short_side=None, allow_partial=False) -> np.ndarray:
+    total = v.frame_count_estimate()
+    span = (num_frames - 1) * stride + 1
+    if start is None:
+        start_index = max(0, (total - span) // 2)
+    else:
+        start_index = int(round(float(start) * v.fps))
+    idx = clip_indices(start_index, num_frames=num_frames, stride=stride, total=total)
+    frames = v.decode_times(idx / v.fps, allow_partial=allow_partial, short_side=short_side)
+    if len(frames) < num_frames:  # allow_partial: pad with the last decoded frame
+        pad = np.repeat(frames[-1:], num_frames - len(frames), axis=0)
+        frames = np.concatenate([frames, pad], axis=0)
+    return frames
+
+
+def read_clips(
+    path: str | Path,
+    starts_fn,
+    *,
+    num_frames: int,
+    stride: int,
+    short_side: int | None = None,
+    allow_partial: bool = False,
+) -> list[np.ndarray]:
+    """Several clips from one open video in one decoding pass.
+
+    starts_fn(total_frames) -> list of start frame indices (see nlvid.data.sampling). Returns a list of uint8
+    (T, H, W, 3) clips in the order of the starts.
+    """
+    with _Video(path) as v:
+        total = v.frame_count_estimate()
+        starts = list(starts_fn(total))
+        idx = np.concatenate(
+            [clip_indices(s, num_frames=num_frames, stride=stride, total=total) for s in starts]
+        )
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        try:
+            frames = v.decode_times(uniq / v.fps, short_side=short_side)
+        except DecodeError as e:
+            if not allow_partial or e.partial is None:
+                raise
+            got = e.partial
+            frames = np.concatenate([got, np.repeat(got[-1:], len(uniq) - len(got), axis=0)], axis=0)
+        allf = frames[inverse]  # (len(starts) * T, H, W, 3)
+        return [allf[i * num_frames : (i + 1) * num_frames] for i in range(len(starts))]
