@@ -1,0 +1,600 @@
+"""The Non-local block (Wang et al., CVPR 2018) and a recorder for its attention maps.
+
+    y_i = 1/C(x) * sum_j f(x_i, x_j) g(x_j);      z = BN(W_z y) + x        (no ReLU after the add)
+
+Shape legend (used in the comments on every reshape below):
+    B  batch                      C   input channels (dim_in)        C'  inner width (dim_inner, default C/2)
+    D  width of the dot product: C' (embedded_gaussian, dot_product, concatenation) or C (gaussian: x itself)
+    T, H, W  the input grid        t', h', w'  the pooled key grid   N = T*H*W queries,  N' = t'*h'*w' keys
+    G  attention groups: B (spacetime), B*T (space), B*H*W (time)
+    n, n'  queries / keys per group: (N, N') spacetime, (H*W, h'*w') space, (T, t') time
+    Q  number of requested query rows (attention_rows)
+
+Instantiations (f, C(x)):
+    gaussian            exp(s * x_i . x_j)            softmax over keys; no theta/phi (keys = pooled x), g embedded;
+                                                      s = C^-0.5 when scale=True, 1 when scale=False (paper), or a float
+    embedded_gaussian   exp(s * theta_i . phi_j)      softmax over keys; s = C'^-0.5 when scale=True (official code,
+                                                      default), 1 when False (MMAction2 configs), or a float
+    dot_product         theta_i . phi_j               C(x) = n' (keys per group after pooling), never 1/sqrt(d)
+    concatenation       ReLU(w_f . [theta_i, phi_j])  C(x) = n'; w_f = `concat_project`, an nn.Linear(2C', 1,
+                                                      bias=False): the first C' weights act on theta, the last C'
+                                                      on phi, so f_ij = ReLU(w1 . theta_i + w2 . phi_j)
+
+Pooling: keys/values come from a max-pool (kernel = stride = pool_size, no padding, remainders dropped as in
+PySlowFast's MaxPool3d). pool_position="input" pools x before phi/g (official Caffe2 / PySlowFast, default);
+"after" pools phi(x) and g(x) (paper text, mmcv). For gaussian "phi" is the identity so its keys are always pool(x).
+The effective kernel per axis is min(pool_size[axis], size of that axis): an axis of size 1 is never pooled.
+
+Dimensionality: one block takes (B, C, L), (B, C, H, W) and (B, C, T, H, W). 1-D input is viewed as (B, C, 1, 1, L)
+(the sequence sits on the w axis, so pool_size[2] pools it), 2-D as (B, C, 1, H, W). Query cells of attention_rows
+are always (t, h, w) on that 5-D view: (0, 0, l) for 1-D, (0, h, w) for 2-D.
+
+Modes (paper Table 2d):
+    spacetime  every query attends to every key (default).
+    space      a query at frame t attends to keys of its own frame only. Temporal pooling is disabled (kernel t = 1,
+               so the key grid keeps all T frames); spatial pooling applies. Computed by folding T into the batch.
+    time       a query at (h, w) attends to keys at the same (h, w) in every frame. Spatial pooling is disabled
+               (kernel h = w = 1); temporal pooling applies. Computed by folding H, W into the batch.
+    Pooling then grouping equals grouping then pooling (max-pool is per channel and per cell), so both paths pool
+    once on the full grid and then group; n' is the per-group key count used by dot_product/concatenation.
+
+Grid mapping for attention_rows / AttentionRecorder: queries are cells (t, h, w) of the block-input grid; keys are
+the cells (t', h', w') of the pooled grid `key_grid`, flattened in (t', h', w') order; key (t', h', w') covers input
+cells t'*kt .. t'*kt+kt-1 (same for h, w), i.e. in pixels a key spans kt x kh x kw input cells.
+
+Implementations (`impl`): "explicit" = conv3d + bmm + softmax + bmm, the reference; "fast" = token-layout matmuls,
+`scaled_dot_product_attention` for the gaussians with contiguous (G, 1, n, D) tensors, theta (phi^T g) / n' for
+dot_product (never forms the n x n' matrix), a query-chunked custom autograd function for concatenation (memory bounded
+in training too), BN folded into W_z in eval mode. "auto" = fast. Both give the same numbers (fp32, <= 1e-4).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nlvid.errors import ConfigError
+
+INSTANTIATIONS = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
+POOL_POSITIONS = ("input", "after")
+MODES = ("spacetime", "space", "time")
+NORMS = ("bn", "none")
+IMPLS = ("auto", "explicit", "fast")
+
+# Concatenation chunks queries so one chunk's (G, rows, n') affinity stays below this many floats (64 MiB fp32).
+_CONCAT_CHUNK_ELEMS = 1 << 24
+
+
+def _choice(name: str, value, allowed: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(f"NonLocalBlock: {name}={value!r} is not allowed; use one of {', '.join(allowed)}")
+    return value
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"NonLocalBlock: {name}={value!r} is not allowed; use a positive integer")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layout helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _tokens(x5: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, N, C) as a view when x5 is contiguous or channels_last_3d (a copy otherwise)."""
+    B, C = x5.shape[:2]
+    if x5.is_contiguous():
+        return x5.flatten(2).transpose(1, 2)  # (B, C, T, H, W) -> (B, C, N) -> (B, N, C), strided view
+    return x5.permute(0, 2, 3, 4, 1).reshape(B, -1, C)  # (B, C, T, H, W) -> (B, T, H, W, C) -> (B, N, C)
+
+
+def _linear_tokens(xt: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
+    """A 1x1x1 conv applied to tokens: (B, N, C) -> contiguous (B, N, C'), without copying a transposed input."""
+    weight = conv.weight.flatten(1)  # (C', C, 1, 1, 1) -> (C', C)
+    if xt.is_contiguous():
+        return F.linear(xt, weight, conv.bias)  # (B, N, C) -> (B, N, C')
+    B = xt.shape[0]
+    # xt is a per-batch transposed view (strides (C*N, 1, N)); BLAS reads it as is.
+    return torch.baddbmm(conv.bias.view(1, 1, -1), xt, weight.t().expand(B, -1, -1))  # (B, N, C')
+
+
+def _pool_tokens(t: torch.Tensor, grid: tuple[int, int, int], kernel: tuple[int, int, int]) -> torch.Tensor:
+    """Max-pool tokens on their grid: (B, N, D) -> (B, N', D), using the channels-last pooling kernel."""
+    if kernel == (1, 1, 1):
+        return t
+    B, _, D = t.shape
+    T, H, W = grid
+    cl = t.view(B, T, H, W, D).permute(0, 4, 1, 2, 3)  # (B, N, D) -> (B, T, H, W, D) -> (B, D, T, H, W) channels-last
+    pooled = F.max_pool3d(cl, kernel, kernel)  # (B, D, t', h', w')
+    return pooled.permute(0, 2, 3, 4, 1).reshape(B, -1, D)  # (B, D, t', h', w') -> (B, t', h', w', D) -> (B, N', D)
+
+
+def _pool5(x5: torch.Tensor, kernel: tuple[int, int, int]) -> torch.Tensor:
+    """Max-pool a (B, C, T, H, W) map, kernel = stride, no padding."""
+    if kernel == (1, 1, 1):
+        return x5
+    if kernel[0] == 1 and x5.is_contiguous():
+        # No temporal pooling on a contiguous map: fold T into the channel axis and use the 2-D kernel.
+        B, C, T, H, W = x5.shape
+        pooled = F.max_pool2d(x5.view(B, C * T, H, W), kernel[1:], kernel[1:])  # (B, C*T, h', w')
+        return pooled.view(B, C, T, pooled.shape[-2], pooled.shape[-1])  # (B, C*T, h', w') -> (B, C, T, h', w')
+    return F.max_pool3d(x5, kernel, kernel)
+
+
+class _ConcatAttention(torch.autograd.Function):
+    """y[g, i] = sum_j ReLU(a[g, i] + b[g, j]) / n' * v[g, j], computed in query chunks; backward recomputes the
+    affinity chunk by chunk, so neither pass holds more than one (G, rows, n') block."""
+
+    @staticmethod
+    def forward(ctx, a, b, v, chunk: int):  # a (G, n), b (G, n'), v (G, n', C')
+        n_keys = b.shape[1]
+        y = torch.empty(a.shape[0], a.shape[1], v.shape[2], dtype=v.dtype, device=v.device)  # (G, n, C')
+        for s in range(0, a.shape[1], chunk):
+            f = torch.relu(a[:, s : s + chunk, None] + b[:, None, :])  # (G, rows, 1) + (G, 1, n') -> (G, rows, n')
+            torch.bmm(f, v, out=y[:, s : s + chunk])
+            y[:, s : s + chunk] /= n_keys
+        ctx.save_for_backward(a, b, v)
+        ctx.chunk = chunk
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # dy (G, n, C')
+        a, b, v = ctx.saved_tensors
+        n_keys = b.shape[1]
+        da = torch.empty_like(a)
+        db = torch.zeros_like(b)
+        dv = torch.zeros_like(v)
+        dy = dy / n_keys
+        for s in range(0, a.shape[1], ctx.chunk):
+            sl = slice(s, s + ctx.chunk)
+            pre = a[:, sl, None] + b[:, None, :]  # (G, rows, n')
+            dv.baddbmm_(torch.relu(pre).transpose(1, 2), dy[:, sl])  # (G, n', rows) @ (G, rows, C') -> (G, n', C')
+            df = torch.bmm(dy[:, sl], v.transpose(1, 2))  # (G, rows, C') @ (G, C', n') -> (G, rows, n')
+            df.mul_(pre > 0)
+            da[:, sl] = df.sum(2)
+            db += df.sum(1)
+        return da, db, dv, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The block
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class NonLocalBlock(nn.Module):
+    """Non-local block; identity at init. See the module docstring for the math, shapes, modes and pooling.
+
+    Args (keywords after dim_inner):
+        dim_in: input channels C.  dim_inner: C' (default C // 2).
+        instantiation: gaussian | embedded_gaussian (default) | dot_product | concatenation.
+        scale: gaussians only: True (default: D^-0.5 with D the dot-product width), False (no scale), or a float.
+        pool_size: (t, h, w) max-pool for keys/values; (1, 1, 1) or None disables.
+        pool_position: "input" (pool x before phi/g, default) or "after" (pool phi(x), g(x)).
+        mode: spacetime (default) | space | time.
+        norm: "bn" (BatchNorm3d `bn` after W_z, gamma zero-init) or "none" (W_z = `out` zero-init).
+        impl: auto | explicit | fast.
+    Submodules: theta, phi (absent for gaussian), g, out: Conv3d 1x1x1 with bias (weights (C', C, 1, 1, 1) and
+    (C, C', 1, 1, 1), as PySlowFast's conv_theta/phi/g/out); bn: BatchNorm3d(C) when norm="bn";
+    concat_project: Linear(2C', 1, bias=False) for concatenation.
+    """
+
+    def __init__(
+        self,
+        dim_in: int,
+        dim_inner: int | None = None,
+        *,
+        instantiation: str = "embedded_gaussian",
+        scale: bool | float | None = True,
+        pool_size: Iterable[int] | None = (1, 2, 2),
+        pool_position: str = "input",
+        mode: str = "spacetime",
+        norm: str = "bn",
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.dim_in = _positive_int("dim_in", dim_in)
+        self.dim_inner = _positive_int("dim_inner", dim_in // 2 if dim_inner is None and dim_in >= 2 else dim_inner)
+        self.instantiation = _choice("instantiation", instantiation, INSTANTIATIONS)
+        self.pool_position = _choice("pool_position", pool_position, POOL_POSITIONS)
+        self.mode = _choice("mode", mode, MODES)
+        self.norm = _choice("norm", norm, NORMS)
+        self.impl = _choice("impl", impl, IMPLS)
+        if pool_size is None:
+            pool_size = (1, 1, 1)
+        try:
+            ps = tuple(pool_size)
+        except TypeError:
+            ps = ()
+        if len(ps) != 3 or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ps):
+            raise ConfigError(
+                f"NonLocalBlock: pool_size={pool_size!r} is not allowed; use three positive integers (t, h, w), "
+                "e.g. (1, 2, 2); (1, 1, 1) disables pooling"
+            )
+        self.pool_size: tuple[int, int, int] = ps  # type: ignore[assignment]
+        if scale is None:
+            scale = True
+        gaussian_like = self.instantiation in ("gaussian", "embedded_gaussian")
+        if isinstance(scale, bool):
+            self.scale: bool | float = scale
+        elif isinstance(scale, (int, float)) and scale > 0 and gaussian_like:
+            self.scale = float(scale)
+        else:
+            raise ConfigError(
+                f"NonLocalBlock: scale={scale!r} is not allowed for instantiation={self.instantiation}; use True or "
+                "False" + (" or a positive float" if gaussian_like else " (dot_product/concatenation are never scaled)")
+            )
+
+        C, Ci = self.dim_in, self.dim_inner
+        if self.instantiation != "gaussian":
+            self.theta = nn.Conv3d(C, Ci, kernel_size=1)
+            self.phi = nn.Conv3d(C, Ci, kernel_size=1)
+        self.g = nn.Conv3d(C, Ci, kernel_size=1)
+        if self.instantiation == "concatenation":
+            self.concat_project = nn.Linear(2 * Ci, 1, bias=False)
+        self.out = nn.Conv3d(Ci, C, kernel_size=1)
+        if self.norm == "bn":
+            self.bn = nn.BatchNorm3d(C)
+        self.reset_parameters()
+
+    # -- init --------------------------------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """Make the block the identity: zero the BN gamma (and beta), or W_z (`out`) when norm="none"."""
+        if self.norm == "bn":
+            self.bn.reset_parameters()
+            nn.init.zeros_(self.bn.weight)
+            nn.init.zeros_(self.bn.bias)
+        else:
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
+
+    init_weights = reset_parameters
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim_in={self.dim_in}, dim_inner={self.dim_inner}, instantiation={self.instantiation}, "
+            f"scale={self.scale}, pool_size={self.pool_size}, pool_position={self.pool_position}, mode={self.mode}, "
+            f"norm={self.norm}, impl={self.impl}"
+        )
+
+    # -- small helpers -------------------------------------------------------------------------------------------
+    @property
+    def scale_value(self) -> float:
+        """The softmax temperature the gaussians use (1.0 for dot_product/concatenation, which ignore it)."""
+        if self.instantiation not in ("gaussian", "embedded_gaussian") or self.scale is False:
+            return 1.0
+        if self.scale is True:
+            width = self.dim_in if self.instantiation == "gaussian" else self.dim_inner
+            return width**-0.5
+        return float(self.scale)
+
+    def kernel_for(self, grid: tuple[int, int, int]) -> tuple[int, int, int]:
+        """Effective pool kernel on an input grid (T, H, W): mode masking, then min(pool, size) per axis."""
+        kt, kh, kw = self.pool_size
+        if self.mode == "space":
+            kt = 1
+        elif self.mode == "time":
+            kh = kw = 1
+        T, H, W = grid
+        return (min(kt, T), min(kh, H), min(kw, W))
+
+    def _as5d(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:
+            return x.unsqueeze(2).unsqueeze(2)  # (B, C, L) -> (B, C, 1, 1, L)
+        if x.dim() == 4:
+            return x.unsqueeze(2)  # (B, C, H, W) -> (B, C, 1, H, W)
+        if x.dim() == 5:
+            return x
+        raise ConfigError(
+            f"NonLocalBlock: input of shape {tuple(x.shape)} is not allowed; use (B, C, L), (B, C, H, W) or "
+            "(B, C, T, H, W)"
+        )
+
+    def _check_channels(self, x5: torch.Tensor) -> None:
+        if x5.shape[1] != self.dim_in:
+            raise ConfigError(f"NonLocalBlock: input has {x5.shape[1]} channels, the block was built for {self.dim_in}")
+
+    def _concat_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.concat_project.weight[0]  # (1, 2C') -> (2C',)
+        return w[: self.dim_inner], w[self.dim_inner :]  # w1 acts on theta_i, w2 on phi_j
+
+    def _bn_folded_out(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_z and its bias with an eval-mode BN folded in: (C, C'), (C,)."""
+        weight = self.out.weight.flatten(1)  # (C, C', 1, 1, 1) -> (C, C')
+        bias = self.out.bias
+        if self.norm == "bn" and not self.bn.training:
+            bn = self.bn
+            s = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # (C,)
+            weight = weight * s[:, None]
+            bias = (bias - bn.running_mean) * s + bn.bias
+        return weight, bias
+
+    def _bn_needs_batch_stats(self) -> bool:
+        return self.norm == "bn" and self.bn.training
+
+    # -- forward -------------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x5 = self._as5d(x)
+        self._check_channels(x5)
+        if self.impl == "explicit":
+            z5 = self._forward_explicit(x5)
+        else:
+            z5 = self._forward_fast(x5)
+        return z5.view(x.shape) if x.dim() != 5 else z5
+
+    # The explicit reference: conv3d, max_pool3d, bmm, softmax, bmm.
+    def _embed_explicit(self, x5: torch.Tensor):
+        """Returns theta (B, D, T, H, W), phi (B, D, t', h', w'), g (B, C', t', h', w')."""
+        kernel = self.kernel_for(tuple(x5.shape[2:]))
+        gaussian = self.instantiation == "gaussian"
+
+        def pool(t):
+            return F.max_pool3d(t, kernel, kernel) if kernel != (1, 1, 1) else t
+
+        theta = x5 if gaussian else self.theta(x5)
+        if self.pool_position == "input" or gaussian:
+            xp = pool(x5)
+            phi = xp if gaussian else self.phi(xp)
+        else:
+            phi = pool(self.phi(x5))
+        g = self.g(pool(x5)) if self.pool_position == "input" else pool(self.g(x5))
+        return theta, phi, g
+
+    def _group(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, D, T, H, W) -> (G, n, D) for the block's mode."""
+        B, D, T, H, W = t.shape
+        if self.mode == "spacetime":
+            return t.flatten(2).transpose(1, 2)  # (B, D, T, H, W) -> (B, D, N) -> (B, N, D)
+        if self.mode == "space":
+            return t.permute(0, 2, 3, 4, 1).reshape(B * T, H * W, D)  # -> (B, T, H, W, D) -> (B*T, H*W, D)
+        return t.permute(0, 3, 4, 2, 1).reshape(B * H * W, T, D)  # -> (B, H, W, T, D) -> (B*H*W, T, D)
+
+    def _ungroup(self, y: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """(G, n, C') -> (B, C', T, H, W); inverse of _group."""
+        B, T, H, W = shape
+        D = y.shape[-1]
+        if self.mode == "spacetime":
+            return y.transpose(1, 2).reshape(B, D, T, H, W)  # (B, N, C') -> (B, C', N) -> (B, C', T, H, W)
+        if self.mode == "space":
+            return y.view(B, T, H, W, D).permute(0, 4, 1, 2, 3)  # (B*T, H*W, C') -> (B, T, H, W, C') -> (B, C', T, H, W)
+        return y.view(B, H, W, T, D).permute(0, 4, 3, 1, 2)  # (B*H*W, T, C') -> (B, H, W, T, C') -> (B, C', T, H, W)
+
+    def _affinity_explicit(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """f / C(x) as a full matrix: q (G, n, D), k (G, n', D) -> (G, n, n')."""
+        n_keys = k.shape[1]
+        if self.instantiation == "concatenation":
+            w1, w2 = self._concat_weights()
+            a = q @ w1  # (G, n, C') @ (C',) -> (G, n)
+            b = k @ w2  # (G, n', C') @ (C',) -> (G, n')
+            return torch.relu(a[:, :, None] + b[:, None, :]) / n_keys  # (G, n, 1) + (G, 1, n') -> (G, n, n')
+        s = torch.bmm(q, k.transpose(1, 2))  # (G, n, D) @ (G, D, n') -> (G, n, n')
+        if self.instantiation == "dot_product":
+            return s / n_keys
+        return torch.softmax(s * self.scale_value, dim=-1)
+
+    def _forward_explicit(self, x5: torch.Tensor) -> torch.Tensor:
+        B, _, T, H, W = x5.shape
+        theta, phi, g = self._embed_explicit(x5)
+        q, k, v = self._group(theta), self._group(phi), self._group(g)  # (G, n, D), (G, n', D), (G, n', C')
+        y = torch.bmm(self._affinity_explicit(q, k), v)  # (G, n, n') @ (G, n', C') -> (G, n, C')
+        p = self.out(self._ungroup(y, (B, T, H, W)))  # (B, C', T, H, W) -> (B, C, T, H, W)
+        if self.norm == "bn":
+            p = self.bn(p)
+        return x5 + p
+
+    # The fast path: tokens (B, N, D) with D innermost all the way through; no N x N' matrix unless needed.
+    def _embed_fast(self, x5: torch.Tensor):
+        """Returns tokens q (B, N, D), k (B, N', D), v (B, N', C'), all contiguous, and the pooled grid."""
+        grid = tuple(x5.shape[2:])
+        kernel = self.kernel_for(grid)
+        pgrid = tuple(s // k for s, k in zip(grid, kernel))
+        gaussian = self.instantiation == "gaussian"
+        xt = _tokens(x5)  # (B, N, C)
+        q = xt.contiguous() if gaussian else _linear_tokens(xt, self.theta)  # (B, N, D)
+        if self.pool_position == "input" or gaussian:
+            xpt = _tokens(_pool5(x5, kernel))  # (B, N', C)
+            k = xpt.contiguous() if gaussian else _linear_tokens(xpt, self.phi)  # (B, N', D)
+        else:
+            k = _pool_tokens(_linear_tokens(xt, self.phi), grid, kernel)
+        if self.pool_position == "input":
+            v = _linear_tokens(xpt, self.g)  # (B, N', C')
+        else:
+            v = _pool_tokens(_linear_tokens(xt, self.g), grid, kernel)
+        return q, k, v, pgrid
+
+    def _group_tokens(self, t: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """(B, N, D) contiguous -> (G, n, D) contiguous."""
+        B, _, D = t.shape
+        T, H, W = grid
+        if self.mode == "spacetime":
+            return t
+        if self.mode == "space":
+            return t.view(B * T, H * W, D)  # (B, N, D) -> (B*T, H*W, D), a view
+        # (B, N, D) -> (B, T, H*W, D) -> (B, H*W, T, D) -> (B*H*W, T, D)
+        return t.view(B, T, H * W, D).transpose(1, 2).reshape(B * H * W, T, D)
+
+    def _ungroup_tokens(self, y: torch.Tensor, B: int, grid: tuple[int, int, int]) -> torch.Tensor:
+        """(G, n, C') -> (B, N, C') contiguous."""
+        T, H, W = grid
+        D = y.shape[-1]
+        if self.mode == "time":
+            # (B*H*W, T, C') -> (B, H*W, T, C') -> (B, T, H*W, C') -> (B, N, C')
+            return y.view(B, H * W, T, D).transpose(1, 2).reshape(B, T * H * W, D)
+        return y.reshape(B, T * H * W, D)  # (G, n, C') -> (B, N, C'), a view
+
+    def _attend_fast(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (G, n, D), k (G, n', D), v (G, n', C') contiguous -> y (G, n, C')."""
+        n_keys = k.shape[1]
+        if self.instantiation in ("gaussian", "embedded_gaussian"):
+            y = F.scaled_dot_product_attention(
+                q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=self.scale_value
+            )  # (G, 1, n, D) x (G, 1, n', D) x (G, 1, n', C') -> (G, 1, n, C')
+            return y.squeeze(1)
+        if self.instantiation == "dot_product":
+            kv = torch.bmm(k.transpose(1, 2), v)  # (G, D, n') @ (G, n', C') -> (G, D, C')
+            return torch.bmm(q, kv.div_(n_keys) if not kv.requires_grad else kv / n_keys)  # (G, n, C')
+        w1, w2 = self._concat_weights()
+        a = q @ w1  # (G, n, C') @ (C',) -> (G, n)
+        b = k @ w2  # (G, n', C') @ (C',) -> (G, n')
+        G, n = a.shape
+        chunk = max(1, min(n, _CONCAT_CHUNK_ELEMS // max(1, G * n_keys)))
+        return _ConcatAttention.apply(a, b, v, chunk)
+
+    def _forward_fast(self, x5: torch.Tensor) -> torch.Tensor:
+        B, C, T, H, W = x5.shape
+        grid = (T, H, W)
+        q, k, v, pgrid = self._embed_fast(x5)
+        y = self._attend_fast(self._group_tokens(q, grid), self._group_tokens(k, pgrid), self._group_tokens(v, pgrid))
+        y = self._ungroup_tokens(y, B, grid)  # (B, N, C')
+        train_bn = self._bn_needs_batch_stats()
+        weight, bias = (self.out.weight.flatten(1), self.out.bias) if train_bn else self._bn_folded_out()
+        channels_last = not x5.is_contiguous() and x5.permute(0, 2, 3, 4, 1).is_contiguous()
+        if channels_last:
+            p = F.linear(y, weight, bias)  # (B, N, C') -> (B, N, C)
+            p = p.view(B, T, H, W, C).permute(0, 4, 1, 2, 3)  # (B, N, C) -> (B, T, H, W, C) -> (B, C, T, H, W) cl
+        else:
+            # W_z @ y^T: (B, C, C') @ (B, C', N) -> (B, C, N); y^T is a transposed view BLAS reads directly
+            p = torch.baddbmm(bias.view(1, -1, 1), weight.expand(B, -1, -1), y.transpose(1, 2))
+            p = p.view(B, C, T, H, W)  # (B, C, N) -> (B, C, T, H, W)
+        if train_bn:
+            p = self.bn(p)
+        return x5 + p
+
+    # -- attention maps ------------------------------------------------------------------------------------------
+    def attention_rows(
+        self, x: torch.Tensor, queries: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """f/C(x) for Q query cells only: returns (weights (B, Q, N'), key_grid (t', h', w')).
+
+        x: the block's input ((B, C, L), (B, C, H, W) or (B, C, T, H, W)); queries: LongTensor (Q, 3) of (t, h, w)
+        cells on the 5-D view of the input grid (see the module docstring). Weights are softmax rows for the
+        gaussians and raw f / n' for dot_product/concatenation, over the pooled key grid flattened in (t', h', w')
+        order, zero outside the keys a query may see in mode space/time. Memory is O(Q * N'), not O(N * N').
+        """
+        x5 = self._as5d(x)
+        self._check_channels(x5)
+        B, C, T, H, W = x5.shape
+        queries = torch.as_tensor(queries, dtype=torch.long, device=x5.device)
+        if queries.dim() != 2 or queries.shape[1] != 3:
+            raise ConfigError(f"attention_rows: queries of shape {tuple(queries.shape)} is not allowed; use (Q, 3)")
+        limits = torch.tensor([T, H, W], device=x5.device)
+        if ((queries < 0) | (queries >= limits)).any():
+            raise ConfigError(
+                f"attention_rows: a query cell lies outside the input grid (T, H, W) = {(T, H, W)}; "
+                "use 0 <= t < T, 0 <= h < H, 0 <= w < W"
+            )
+        kernel = self.kernel_for((T, H, W))
+        kgrid = (T // kernel[0], H // kernel[1], W // kernel[2])
+        gaussian = self.instantiation == "gaussian"
+        flat = (queries[:, 0] * H + queries[:, 1]) * W + queries[:, 2]  # (Q,)
+        xq = x5.flatten(2)[:, :, flat]  # (B, C, T, H, W) -> (B, C, N) -> (B, C, Q)
+        xq_t = xq.transpose(1, 2)  # (B, C, Q) -> (B, Q, C)
+        q = xq_t if gaussian else F.linear(xq_t, self.theta.weight.flatten(1), self.theta.bias)  # (B, Q, D)
+        if self.pool_position == "input" or gaussian:
+            xp = F.max_pool3d(x5, kernel, kernel) if kernel != (1, 1, 1) else x5  # (B, C, t', h', w')
+            phi = xp if gaussian else self.phi(xp)
+        else:
+            phi = self.phi(x5)
+            phi = F.max_pool3d(phi, kernel, kernel) if kernel != (1, 1, 1) else phi
+        k = phi.flatten(2).transpose(1, 2)  # (B, D, t', h', w') -> (B, D, N') -> (B, N', D)
+        n_all = k.shape[1]
+
+        # Which keys each query may see: (Q, N') bool, or None for spacetime.
+        allowed = None
+        if self.mode != "spacetime":
+            kt_idx = torch.arange(kgrid[0], device=x5.device).repeat_interleave(kgrid[1] * kgrid[2])  # (N',)
+            khw = torch.arange(kgrid[1] * kgrid[2], device=x5.device).repeat(kgrid[0])  # (N',)
+            if self.mode == "space":  # kt = 1: key frame index == query frame index
+                allowed = kt_idx[None, :] == queries[:, 0:1]
+            else:  # kh = kw = 1: key (h, w) == query (h, w)
+                allowed = khw[None, :] == (queries[:, 1:2] * W + queries[:, 2:3])
+        n_group = {"spacetime": n_all, "space": kgrid[1] * kgrid[2], "time": kgrid[0]}[self.mode]
+
+        if self.instantiation == "concatenation":
+            w1, w2 = self._concat_weights()
+            f = torch.relu((q @ w1)[:, :, None] + (k @ w2)[:, None, :]) / n_group  # (B, Q, 1) + (B, 1, N')
+        else:
+            s = torch.bmm(q, k.transpose(1, 2))  # (B, Q, D) @ (B, D, N') -> (B, Q, N')
+            if self.instantiation == "dot_product":
+                f = s / n_group
+            else:
+                s = s * self.scale_value
+                if allowed is not None:
+                    s = s.masked_fill(~allowed, float("-inf"))
+                return torch.softmax(s, dim=-1), kgrid
+        if allowed is not None:
+            f = f * allowed
+        return f, kgrid
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recorder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class AttentionRecorder:
+    """Context manager that keeps each Non-local block's input during forward passes, to compute attention rows later.
+
+        with AttentionRecorder(model) as rec:
+            model(clip)
+        weights, key_grid = rec.attention(rec.names[0], torch.tensor([[0, 3, 4]]))
+
+    blocks: None (every NonLocalBlock in the model) or an iterable of module names ("res3.nl.1").
+    rec.names: block names in forward order; rec.inputs[name]: the (detached) input of the last forward.
+    Hooks exist only inside the `with`; outside it the model runs untouched.
+    """
+
+    def __init__(self, model: nn.Module, blocks: Iterable[str] | None = None) -> None:
+        self.model = model
+        found = {name: m for name, m in model.named_modules() if isinstance(m, NonLocalBlock)}
+        if blocks is None:
+            self._blocks = found
+        else:
+            wanted = list(blocks)
+            unknown = [b for b in wanted if b not in found]
+            if unknown:
+                raise ConfigError(
+                    f"AttentionRecorder: unknown block(s) {', '.join(unknown)}; "
+                    f"allowed: {', '.join(found) or '(the model has no NonLocalBlock)'}"
+                )
+            self._blocks = {b: found[b] for b in wanted}
+        self.names: list[str] = []
+        self.inputs: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            if name not in self.inputs:
+                self.names.append(name)
+            self.inputs[name] = args[0].detach()
+
+        return hook
+
+    def __enter__(self) -> AttentionRecorder:
+        self.names.clear()
+        self.inputs.clear()
+        for name, block in self._blocks.items():
+            self._handles.append(block.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def attention(self, name: str, queries: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """(weights (B, Q, N'), key_grid) of block `name` for the recorded input; see NonLocalBlock.attention_rows."""
+        if name not in self.inputs:
+            raise ConfigError(
+                f"AttentionRecorder: no input recorded for block {name!r}; recorded: {', '.join(self.names) or 'none'}"
+            )
+        block = self._blocks[name]
+        return block.attention_rows(self.inputs[name], queries)
