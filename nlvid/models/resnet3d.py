@@ -124,8 +124,28 @@ def _conv(dim_in: int, dim_out: int, kernel: tuple[int, int, int], stride: tuple
     return FrameConv3d(dim_in, dim_out, kernel, stride=stride, padding=padding, bias=False)
 
 
+class FrameBatchNorm3d(nn.BatchNorm3d):
+    """BatchNorm3d (same parameters, buffers and statistics) that runs on the folded (B*T, C, H, W) view.
+
+    Per-channel statistics over (B, T, H, W) are the same either way; on CPU the 4-D channels_last kernel is ~2x
+    faster than the 5-D channels_last_3d one.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() not in (4, 5):
+            raise ValueError(f"expected 4D or 5D input (got {input.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5 or not x.is_contiguous(memory_format=torch.channels_last_3d):
+            return super().forward(x)
+        B, C, T, H, W = x.shape
+        # (B, C, T, H, W) -> (B*T, C, H, W) channels_last view, and back
+        y = super().forward(x.transpose(1, 2).reshape(B * T, C, H, W))
+        return y.reshape(B, T, C, H, W).transpose(1, 2)
+
+
 def _bn(dim: int) -> nn.BatchNorm3d:
-    return nn.BatchNorm3d(dim, eps=1e-5, momentum=0.1)
+    return FrameBatchNorm3d(dim, eps=1e-5, momentum=0.1)
 
 
 def _init_conv_bn(module: nn.Module) -> None:
@@ -178,7 +198,7 @@ class Bottleneck(nn.Module):
         y = self.relu(self.bn1(self.conv1(x)))
         y = self.relu(self.bn2(self.conv2(y)))
         y = self.bn3(self.conv3(y))
-        return self.relu(y + shortcut)
+        return self.relu(y.add_(shortcut))  # in place: BN's backward does not need its output
 
 
 class BasicBlock(nn.Module):
@@ -210,7 +230,7 @@ class BasicBlock(nn.Module):
         shortcut = x if self.downsample is None else self.downsample(x)
         y = self.relu(self.bn1(self.conv1(x)))
         y = self.bn2(self.conv2(y))
-        return self.relu(y + shortcut)
+        return self.relu(y.add_(shortcut))  # in place: BN's backward does not need its output
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -405,10 +425,7 @@ class ResNet3d(nn.Module):
         for name in STAGES[1:]:
             h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1  # 3x3 conv, stride 2, padding 1
             out[name] = (t, h, w)
-        for name in STAGES:
-            for block in getattr(self, name).nl.values():
-                if any(g < p for g, p in zip(out[name], _nl_pool_size(block))):
-                    return None  # the NL key/value max-pool needs at least one window
+        # NL blocks need no check: their key/value pool kernel is min(pool_size, axis size) per axis.
         return out
 
     def min_input(self) -> tuple[int, int]:
@@ -443,14 +460,6 @@ def _make_nonlocal(dim: int, kwargs: dict[str, Any]) -> nn.Module:
     from nlvid.models.nonlocal_block import NonLocalBlock  # written in parallel; imported only when needed
 
     return NonLocalBlock(dim, None, **kwargs)
-
-
-def _nl_pool_size(block: nn.Module) -> tuple[int, int, int]:
-    pool = getattr(block, "pool_size", None)
-    if pool is None:
-        return (1, 1, 1)
-    pool = tuple(pool) if isinstance(pool, (tuple, list)) else (pool,) * 3
-    return tuple(int(p) for p in pool[-3:]) if len(pool) >= 3 else (1, 1, 1)  # type: ignore[return-value]
 
 
 def validate_nonlocal_blocks(placement: dict[str, Sequence[int]], depths: Sequence[int]) -> dict[str, list[int]]:
