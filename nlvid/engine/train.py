@@ -422,7 +422,8 @@ def train(
     def save(path: Path, *, epoch: int, batches_done: int, full: bool = True, metrics: dict | None = None):
         if not main:
             return
-        extra: dict[str, Any] = {"batches_done": batches_done, "best": dict(best), "metrics": metrics or {}}
+        extra: dict[str, Any] = {"batches_done": batches_done, "best": dict(best), "metrics": metrics or {},
+                                 "epoch_sums": sums.clone() if batches_done else torch.zeros(4, dtype=torch.float64)}
         if full:
             extra.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                          scaler=scaler.state_dict(), rng=rng_state())
@@ -436,6 +437,7 @@ def train(
              metric=metric_name, classes=classes, init=init_lines, model=cfg.model.name)
 
     workers = dc.num_workers
+    sums = torch.zeros(4, dtype=torch.float64)
     last_epoch_record: dict[str, Any] = {}
     try:
         for epoch in range(start_epoch, tc.epochs):
@@ -451,6 +453,8 @@ def train(
             train_model.train()
             # running sums over the epoch (this process); reduced across processes at log points
             sums = torch.zeros(4, dtype=torch.float64)  # loss*n, correct, n, data_time
+            if first > 0 and ckpt is not None and ckpt.get("epoch_sums") is not None:
+                sums += ckpt["epoch_sums"]  # the part of this epoch done before the resume
             window = torch.zeros(4, dtype=torch.float64)
             window_t0 = time.perf_counter()
             t_end = time.perf_counter()

@@ -1,0 +1,259 @@
+"""Training: schedule, sharding, checkpoints (atomic, RNG state, weights_only), a real tiny run (loss goes down,
+run folder), NaN handling, exact resume after SIGKILL, CLI exit codes.
+
+Session fixtures `synthetic_data` (a small synthetic long-range dataset) and `trained_run` (a tiny model trained
+on it) are reused by tests/test_eval.py (import them from here)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nlvid.config import load_config
+from nlvid.engine import distributed as distr
+from nlvid.engine.checkpoint import load_checkpoint, save_checkpoint
+from nlvid.engine.train import (
+    build_optimizer,
+    lr_factor,
+    param_groups,
+    recompute_bn_stats,
+    rng_state,
+    set_rng_state,
+    train,
+)
+from nlvid.errors import ConfigError, TrainingError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# small and fast: 8 frames of 48 px, 2 test views
+FAST = ["data.crop_size=48", "data.train_short_side=[48,56]", "data.test_short_side=48", "data.test_crop_size=48",
+        "data.num_clips=2", "data.num_crops=1", "data.num_workers=0", "train.log_every=1"]
+
+
+# Both fixtures live at fixed places under the session's base temp folder with a "done" marker, so that the
+# copies other test modules import (pytest makes one fixture per importing module) build them only once.
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    from nlvid.data import write_synthetic
+
+    root = tmp_path_factory.getbasetemp() / "engine_synth"
+    if not (root / ".done").exists():
+        write_synthetic(root, classes=4, clips_per_class=8, seed=0)
+        (root / ".done").write_text("")
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, synthetic_data) -> Path:
+    """A tiny NL model trained for a few epochs (the checkpoint other tests evaluate)."""
+    out = tmp_path_factory.getbasetemp() / "engine_run"
+    if not (out / ".done").exists():
+        cfg = load_config("tiny", FAST + ["train.epochs=4", "train.batch_size=4", "optim.lr=0.05"])
+        train(cfg, data=synthetic_data, out=out, progress=None)
+        (out / ".done").write_text("")
+    return out
+
+
+def _nlvid(*args, timeout=300, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "nlvid", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=kw.pop("cwd", ROOT), **kw)
+
+
+# ------------------------------------------------------------------------------------------ pure pieces
+
+
+def test_lr_schedule_warmup_cosine_and_step():
+    kw = dict(total_steps=100, warmup_steps=10, start_factor=0.1, milestones=[0.5, 0.75], gamma=0.1)
+    assert lr_factor(0, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_factor(5, schedule="cosine", **kw) == pytest.approx(0.55)
+    assert lr_factor(10, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_factor(55, schedule="cosine", **kw) == pytest.approx(0.5)
+    assert lr_factor(100, schedule="cosine", **kw) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(49, schedule="step", **kw) == 1.0
+    assert lr_factor(50, schedule="step", **kw) == pytest.approx(0.1)
+    assert lr_factor(80, schedule="step", **kw) == pytest.approx(0.01)
+
+
+def test_sharding_gives_the_global_batches_of_one_process():
+    order = distr.epoch_order(22, seed=3, epoch=1, world_size=2)
+    assert order == distr.epoch_order(22, seed=3, epoch=1, world_size=2)
+    assert order != distr.epoch_order(22, seed=3, epoch=2, world_size=2)
+    assert sorted(order) == list(range(22))
+    single = distr.shard_batches(order, batch_size=8, world_size=1)
+    r0 = distr.shard_batches(order, batch_size=4, world_size=2, rank=0)
+    r1 = distr.shard_batches(order, batch_size=4, world_size=2, rank=1)
+    assert len(r0) == len(r1) == len(single) == 3
+    for g, a, b in zip(single, r0, r1):
+        assert a + b == g and len(a) == len(b)
+    odd = distr.epoch_order(7, seed=0, epoch=0, world_size=2)  # padded to a multiple of the world size
+    assert len(odd) == 8 and set(odd) == set(range(7))
+
+
+def test_no_weight_decay_on_bn_and_bias():
+    m = torch.nn.Sequential(torch.nn.Conv3d(3, 4, 1), torch.nn.BatchNorm3d(4), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    decay, no_decay = param_groups(m, 1e-4)
+    assert {id(p) for p in decay["params"]} == {id(m[0].weight), id(m[3].weight)}
+    assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0
+    opt = build_optimizer(m, optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    assert opt.param_groups[0]["nesterov"] is True
+
+
+def test_rng_state_survives_a_weights_only_checkpoint(tmp_path):
+    torch.manual_seed(1), random.seed(2), np.random.seed(3)
+    np.random.normal()  # leaves a cached gaussian in numpy's state
+    state = rng_state()
+    want = (torch.rand(3), random.random(), np.random.normal(size=2))
+    save_checkpoint(tmp_path / "c.pt", model_state={}, config={}, classes=[], rng=state)
+    loaded = load_checkpoint(tmp_path / "c.pt")  # weights_only=True load
+    torch.manual_seed(9), random.seed(9), np.random.seed(9)
+    set_rng_state(loaded["rng"])
+    got = (torch.rand(3), random.random(), np.random.normal(size=2))
+    assert torch.equal(want[0], got[0]) and want[1] == got[1] and np.array_equal(want[2], got[2])
+
+
+def test_atomic_checkpoint_survives_a_crash_during_save(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, model_state={"w": torch.ones(2)}, config={}, classes=["a"], step=1)
+    real_save = torch.save
+
+    def crashing_save(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 half a zip file")  # part of the new file reaches the disk, then the process dies
+        raise KeyboardInterrupt("killed during save")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, model_state={"w": torch.zeros(2)}, config={}, classes=["a"], step=2)
+    monkeypatch.setattr(torch, "save", real_save)
+    ck = load_checkpoint(path)
+    assert ck["step"] == 1 and torch.equal(ck["model"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_precise_bn_recovers_the_true_statistics():
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm3d(2)
+    data = [(torch.randn(4, 2, 2, 3, 3) * 3 + 1,) for _ in range(5)]
+    used = recompute_bn_stats(bn, data, num_batches=4, device=torch.device("cpu"))
+    allx = torch.cat([d[0] for d in data[:4]]).transpose(0, 1).reshape(2, -1)
+    assert used == 4
+    assert torch.allclose(bn.running_mean, allx.mean(1), atol=1e-5)
+    # per-batch unbiased variances averaged (what the official precise BN computes), close to the pooled one
+    assert torch.allclose(bn.running_var, allx.var(1), rtol=0.1)
+    assert bn.momentum == 0.1
+
+
+def test_fp16_on_cpu_is_a_config_error(tmp_path):
+    cfg = load_config("tiny", ["train.amp=fp16", "train.device=cpu"])
+    with pytest.raises(ConfigError, match="fp16.*CUDA"):
+        train(cfg, data=tmp_path, out=tmp_path / "run", progress=None)
+
+
+# ------------------------------------------------------------------------------------------ real runs
+
+
+def test_run_folder_and_loss_goes_down(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"config.yaml", "classes.txt", "metrics.jsonl", "last.pt", "best.pt"} <= names
+    recs = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if r["kind"] == "step"]
+    epochs = [r for r in recs if r["kind"] == "epoch"]
+    assert len(epochs) == 4
+    for key in ("loss", "acc", "lr", "clips_per_s", "data_time", "grad_norm"):
+        assert key in steps[0]
+    assert "val_top1" in epochs[-1]
+    first = np.mean([r["loss"] for r in steps[:3]])
+    last = np.mean([r["loss"] for r in steps[-3:]])
+    assert last < first - 0.05, (first, last)
+    ck = load_checkpoint(trained_run / "last.pt")
+    for key in ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "config", "classes", "version"):
+        assert key in ck
+    assert ck["epoch"] == 4 and ck["batches_done"] == 0
+    assert ck["classes"] == (trained_run / "classes.txt").read_text().split()
+    best = load_checkpoint(trained_run / "best.pt")
+    assert best["best"]["metric"] == "val_top1"
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_data, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config("tiny", FAST + ["train.epochs=2", "train.batch_size=4", "train.save_every=1",
+                                      "optim.warmup_epochs=0"])
+    calls = []
+
+    def poison(model, loss, step):  # after 2 good steps, the weights go bad -> the next loss is NaN
+        calls.append(step)
+        if step == 2:
+            with torch.no_grad():
+                model.head.fc.weight.fill_(float("nan"))
+
+    with pytest.raises(TrainingError, match=r"at step 3 .*last good checkpoint"):
+        train(cfg, data=synthetic_data, out=out, progress=None, hooks={"after_backward": poison})
+    ck = load_checkpoint(out / "last.pt")
+    assert ck["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_cli_exit_codes(synthetic_data, tmp_path):
+    r = _nlvid("train", synthetic_data, "--config", "tiny", "--set", "optim.nope=1", "--out", tmp_path / "a")
+    assert r.returncode == 2 and "optim.nope" in r.stderr
+    r = _nlvid("train", tmp_path / "does_not_exist", "--config", "tiny", "--out", tmp_path / "b")
+    assert r.returncode == 1 and "does_not_exist" in r.stderr
+    r = _nlvid("train", synthetic_data, "--config", "tiny", "--set", "optim.lr=1e10", "--set", "train.epochs=1",
+               "--set", "optim.warmup_epochs=0", *sum((["--set", s] for s in FAST), []), "--out", tmp_path / "c")
+    assert r.returncode == 1 and "stopped without saving" in r.stderr, r.stderr[-2000:]
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_exact(synthetic_data, tmp_path):
+    args = ["train", synthetic_data, "--config", "tiny", "--set", "train.epochs=2", "--set", "train.batch_size=2",
+            "--set", "train.save_every=3", "--set", "train.seed=5", *sum((["--set", s] for s in FAST), [])]
+    ref = _nlvid(*args, "--out", tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "nlvid", *map(str, args), "--out", str(tmp_path / "cut")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+    last = tmp_path / "cut" / "last.pt"
+    deadline = time.time() + 240
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        if last.exists():
+            try:
+                ck = torch.load(last, weights_only=True)
+            except Exception:
+                ck = None
+            if ck is not None and ck["batches_done"] > 0:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed_at = (ck["epoch"], ck["batches_done"], ck["step"])
+                break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed_at is not None, "the run finished before a mid-epoch checkpoint was seen"
+    resumed_from = load_checkpoint(last)
+    assert resumed_from["batches_done"] > 0  # the newest checkpoint is a mid-epoch one
+    res = _nlvid(*args, "--out", tmp_path / "cut")  # re-running into the run folder resumes
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resum" in res.stderr
+    a, b = _weights(tmp_path / "ref" / "last.pt"), _weights(last)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ra = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    assert [r.get("loss", r.get("train_loss")) for r in ra] == [r.get("loss", r.get("train_loss")) for r in rb]
