@@ -1,0 +1,455 @@
+"""Pictures of Non-local attention: heatmap overlays, arrows to the top-k keys, frame grids, GIF/MP4, terminal.
+
+Everything is drawn with PIL (ImageDraw) and numpy at a readable size: frames are scaled so a panel is
+DISPLAY_MIN..DISPLAY_MAX pixels tall (small frames are upscaled). The colour map is "inferno" (dark = little
+attention, yellow = most); every figure carries a scale bar with the weight values and says how weights were
+normalised (`nlvid.viz.attention.normalisation_note`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from nlvid.viz.attention import BlockAttention, ClipAttention, GridMap, QueryAttention
+
+DISPLAY_MIN = 256
+DISPLAY_MAX = 360
+PAD = 10
+QUERY_COLOUR = (40, 255, 90)
+KEY_COLOUR = (0, 220, 255)
+
+# inferno, 9 anchors (matplotlib's values), interpolated to a 256-entry table
+_ANCHORS = np.array(
+    [
+        (0, 0, 4), (31, 12, 72), (85, 15, 109), (136, 34, 106), (186, 54, 85),
+        (227, 89, 51), (249, 140, 10), (249, 201, 50), (252, 255, 164),
+    ],
+    dtype=np.float64,
+)
+_LUT = np.stack(
+    [np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_ANCHORS)), _ANCHORS[:, c]) for c in range(3)], -1
+).round().astype(np.uint8)  # (256, 3)
+
+
+def colormap(v: np.ndarray) -> np.ndarray:
+    """values in [0, 1] (any shape) -> uint8 RGB (..., 3)."""
+    idx = (np.clip(np.nan_to_num(v), 0, 1) * 255).round().astype(np.int64)
+    return _LUT[idx]
+
+
+def font(size: int = 16) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def display_scale(height: int) -> float:
+    if height < DISPLAY_MIN:
+        return DISPLAY_MIN / height
+    if height > DISPLAY_MAX:
+        return DISPLAY_MAX / height
+    return 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Heat maps
+
+
+def heat_for_frame(grid: GridMap, weights: np.ndarray, frame: int) -> np.ndarray:
+    """(Nk,) weights -> (h', w') map of the key temporal cell holding input `frame` (zeros if none)."""
+    kt = grid.kt_of_frame(frame)
+    w3 = weights.reshape(grid.key_grid)
+    if kt is None:
+        return np.zeros(grid.key_grid[1:], dtype=np.float32)
+    return w3[kt]
+
+
+def heat_to_frame(grid: GridMap, heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(h', w') key-cell values -> float (H, W) map over an image of `size` (W, H) showing the original frame.
+
+    The map is laid on the query grid (key cells repeated by the pool size), resized over the view box (undoing the
+    model's resize/crop) and placed into the frame; outside the box it is 0. Bilinear, so a peak sits at the cell
+    centre."""
+    W, H = size
+    fw, fh = grid.frame_size
+    sx, sy = W / fw, H / fh
+    q = grid.key_heat_in_input(heat.astype(np.float32))  # (h, w)
+    cover = grid.key_heat_in_input(np.ones_like(heat, dtype=np.float32))  # 1 where a key cell covers, else 0
+    x0, y0, x1, y1 = grid.box
+    bx0, by0 = int(round(x0 * sx)), int(round(y0 * sy))
+    bx1, by1 = int(round(x1 * sx)), int(round(y1 * sy))
+    bw, bh = max(1, bx1 - bx0), max(1, by1 - by0)
+    # Bilinear from cell centres keeps a peak where its key is; the coverage mask is resized with NEAREST so pixels
+    # no key cell covers (outside the view box, or a strip dropped by floor pooling) come back as NaN (no tint).
+    arr = np.asarray(Image.fromarray(q, mode="F").resize((bw, bh), Image.BILINEAR)).copy()
+    cov = np.asarray(Image.fromarray(cover, mode="F").resize((bw, bh), Image.NEAREST))
+    arr[cov < 0.5] = np.nan
+    out = np.full((H, W), np.nan, dtype=np.float32)
+    ya, xa = max(0, by0), max(0, bx0)
+    yb, xb = min(H, by0 + bh), min(W, bx0 + bw)
+    out[ya:yb, xa:xb] = arr[ya - by0 : yb - by0, xa - bx0 : xb - bx0]
+    return out
+
+
+def overlay(frame: np.ndarray, heat: np.ndarray, vmax: float, vmin: float = 0.0) -> np.ndarray:
+    """uint8 (H, W, 3) frame + float (H, W) heat -> uint8 blend: light tint where cold, opaque colour where hot;
+    NaN heat (no key there) leaves the frame as it is."""
+    nan = np.isnan(heat)
+    v = (heat - vmin) / (vmax - vmin) if vmax > vmin else np.zeros_like(heat)
+    v = np.clip(np.nan_to_num(v), 0, 1)[..., None]
+    alpha = np.where(nan[..., None], 0.0, 0.25 + 0.6 * v)
+    col = colormap(v[..., 0]).astype(np.float32)
+    out = frame.astype(np.float32) * (1 - alpha) + col * alpha
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def _resize_frame(frame: np.ndarray, scale: float) -> np.ndarray:
+    H, W = frame.shape[:2]
+    if scale == 1.0:
+        return frame
+    return np.asarray(Image.fromarray(frame).resize((round(W * scale), round(H * scale)), Image.BICUBIC))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Drawing helpers
+
+
+def _text(draw: ImageDraw.ImageDraw, xy, text: str, size: int = 16, fill=(255, 255, 255), stroke: bool = True):
+    draw.text(xy, text, font=font(size), fill=fill, stroke_width=2 if stroke else 0, stroke_fill=(0, 0, 0))
+
+
+def _marker(draw: ImageDraw.ImageDraw, x: float, y: float, r: float = 9, colour=QUERY_COLOUR, label: str = ""):
+    draw.ellipse((x - r - 2, y - r - 2, x + r + 2, y + r + 2), outline=(0, 0, 0), width=5)
+    draw.ellipse((x - r, y - r, x + r, y + r), outline=colour, width=3)
+    draw.line((x - r * 0.6, y, x + r * 0.6, y), fill=colour, width=2)
+    draw.line((x, y - r * 0.6, x, y + r * 0.6), fill=colour, width=2)
+    if label:
+        _text(draw, (x + r + 3, y - r - 4), label, 15, colour)
+
+
+def _arrow(draw: ImageDraw.ImageDraw, a, b, width: int, colour):
+    ax, ay = a
+    bx, by = b
+    d = max(1e-6, ((bx - ax) ** 2 + (by - ay) ** 2) ** 0.5)
+    ux, uy = (bx - ax) / d, (by - ay) / d
+    head = 6 + 2 * width
+    ex, ey = bx - ux * head * 0.8, by - uy * head * 0.8
+    if d > head:
+        draw.line((ax, ay, ex, ey), fill=(0, 0, 0), width=width + 2)
+        draw.line((ax, ay, ex, ey), fill=colour, width=width)
+    px, py = -uy, ux
+    tri = [(bx, by), (bx - ux * head + px * head * 0.5, by - uy * head + py * head * 0.5),
+           (bx - ux * head - px * head * 0.5, by - uy * head - py * head * 0.5)]
+    draw.polygon(tri, fill=colour, outline=(0, 0, 0))
+
+
+def _scale_bar(width: int, vmin: float, vmax: float, label: str, note: str = "") -> Image.Image:
+    """A horizontal colour bar with ticks vmin .. vmax, a caption, and an optional note on the right."""
+    h = 66
+    img = Image.new("RGB", (width, h), (24, 24, 24))
+    d = ImageDraw.Draw(img)
+    bar_w = min(420, width - 2 * PAD - 10)
+    x0, y0 = PAD, 26
+    grad = colormap(np.linspace(0, 1, bar_w))[None].repeat(14, 0)
+    img.paste(Image.fromarray(grad), (x0, y0))
+    d.rectangle((x0 - 1, y0 - 1, x0 + bar_w, y0 + 14), outline=(200, 200, 200))
+    for f in (0.0, 0.25, 0.5, 0.75, 1.0):
+        x = x0 + f * (bar_w - 1)
+        d.line((x, y0 + 14, x, y0 + 19), fill=(220, 220, 220), width=1)
+        t = f"{vmin + f * (vmax - vmin):.3g}"
+        tw = d.textlength(t, font=font(13))
+        d.text((min(max(0, x - tw / 2), width - tw), y0 + 21), t, font=font(13), fill=(230, 230, 230))
+    d.text((x0, 4), label, font=font(15), fill=(230, 230, 230))
+    if note:
+        d.text((x0 + bar_w + 24, y0 - 2), note, font=font(14), fill=(200, 200, 200))
+    return img
+
+
+def _caption(width: int, lines: Sequence[str], size: int = 16) -> Image.Image:
+    h = PAD + len(lines) * (size + 6)
+    img = Image.new("RGB", (width, h), (24, 24, 24))
+    d = ImageDraw.Draw(img)
+    for i, line in enumerate(lines):
+        d.text((PAD, PAD // 2 + i * (size + 6)), line, font=font(size), fill=(240, 240, 240))
+    return img
+
+
+def _stack(images: Sequence[Image.Image]) -> Image.Image:
+    w = max(im.width for im in images)
+    h = sum(im.height for im in images)
+    out = Image.new("RGB", (w, h), (24, 24, 24))
+    y = 0
+    for im in images:
+        out.paste(im, (0, y))
+        y += im.height
+    return out
+
+
+def _frame_label(clip: ClipAttention, i: int) -> str:
+    s = f"frame {i}"
+    if clip.source_frames:
+        s += f" (video #{clip.source_frames[i]}"
+        if clip.timestamps:
+            s += f", {clip.timestamps[i]:.2f}s"
+        s += ")"
+    return s
+
+
+class _Row:
+    """Shown frames side by side (already at display scale), a row title, a label over each panel, and the pixel
+    offset of each panel so original-frame coordinates can be drawn on it."""
+
+    def __init__(self, clip: ClipAttention, frames: Sequence[int], panels: Sequence[np.ndarray], title: str = ""):
+        self.scale = display_scale(clip.frames.shape[1])
+        self.frames = list(frames)
+        ph, pw = panels[0].shape[:2]
+        self.pw, self.ph = pw, ph
+        top = 44 if title else 22
+        self.image = Image.new("RGB", (PAD + len(panels) * (pw + PAD), top + ph + PAD // 2), (24, 24, 24))
+        d = ImageDraw.Draw(self.image)
+        if title:
+            d.text((PAD, 3), title, font=font(15), fill=(150, 210, 255))
+        self.offsets = {}
+        for k, (i, p) in enumerate(zip(self.frames, panels)):
+            ox = PAD + k * (pw + PAD)
+            self.image.paste(Image.fromarray(p), (ox, top))
+            self.offsets[i] = (ox, top)
+            d.text((ox, top - 19), _frame_label(clip, i), font=font(14), fill=(230, 230, 230))
+        self.draw = ImageDraw.Draw(self.image)
+
+    def to_px(self, frame: int, x: float, y: float) -> tuple[float, float]:
+        ox, oy = self.offsets[frame]
+        return ox + x * self.scale, oy + y * self.scale
+
+
+def _range(weights: np.ndarray) -> tuple[float, float]:
+    if weights.size == 0:
+        return 0.0, 1.0
+    lo, hi = float(weights.min()), float(weights.max())
+    return (lo, hi) if hi > lo else (0.0, max(hi, 1e-12))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Figures
+
+
+def query_figure(clip: ClipAttention, block: BlockAttention, qi: int) -> Image.Image:
+    """Top row: shown frames with the query marked and arrows to its top-k keys (width/colour by weight).
+    Bottom row: the query's attention as a heat overlay on every shown frame. Title, labels and a scale bar."""
+    q = block.queries[qi]
+    grid = block.grid
+    shown = clip.shown
+    scale = display_scale(clip.frames.shape[1])
+    vmin, vmax = _range(q.weights)
+    base = [_resize_frame(clip.frames[i], scale) for i in shown]
+    size = (base[0].shape[1], base[0].shape[0])
+    dim = [(b.astype(np.float32) * 0.8).astype(np.uint8) for b in base]
+    top = _Row(clip, shown, dim, f"query q{qi + 1} (green) -> its top-{len(q.keys)} keys: arrow width and colour "
+                                 "grow with the weight")
+    over = [overlay(b, heat_to_frame(grid, heat_for_frame(grid, q.weights, i), size), vmax, vmin)
+            for b, i in zip(base, shown)]
+    bottom = _Row(clip, shown, over, "attention of q1 over all keys (heat), top-5 keys circled".replace(
+        "q1", f"q{qi + 1}"))
+    ws = [k.weight for k in q.keys]
+    kmin, kmax = (min(ws), max(ws)) if ws else (0.0, 1.0)
+    for k in sorted(q.keys, key=lambda k: k.weight):
+        f = (k.weight - kmin) / (kmax - kmin) if kmax > kmin else 1.0
+        a = top.to_px(q.frame, q.x, q.y)
+        b = top.to_px(k.frame, k.x, k.y)
+        _arrow(top.draw, a, b, width=1 + int(round(4 * f)), colour=tuple(int(c) for c in colormap(0.4 + 0.6 * f)))
+    for row in (top, bottom):
+        x, y = row.to_px(q.frame, q.x, q.y)
+        _marker(row.draw, x, y, label=f"q{qi + 1}")
+    for k in q.keys[:5]:
+        x, y = bottom.to_px(k.frame, k.x, k.y)
+        bottom.draw.ellipse((x - 6, y - 6, x + 6, y + 6), outline=(0, 0, 0), width=4)
+        bottom.draw.ellipse((x - 5, y - 5, x + 5, y + 5), outline=KEY_COLOUR, width=2)
+    width = max(top.image.width, 820)
+    req = ""
+    if q.requested is not None:
+        req = f" (asked: frame {q.requested[0]}, x={q.requested[1]:g}, y={q.requested[2]:g})"
+    title = _caption(
+        width,
+        [
+            f"{block.name} ({block.instantiation or '?'})   query q{qi + 1}: frame {q.frame}, "
+            f"x={q.x:.0f}, y={q.y:.0f} px{req}   cell (t,h,w)={q.cell} of grid {grid.query_grid}",
+            f"prediction: {clip.label}  p={clip.prob:.3f} ({clip.view} view)   top-{len(q.keys)} keys hold "
+            f"{q.score:.0%} of this query's weight   key grid {grid.key_grid} (pool {grid.key_pool})",
+        ],
+    )
+    bar = _scale_bar(width, vmin, vmax, f"attention weight: {block.normalisation}",
+                     f"arrows: weight {kmin:.3g} (thin) .. {kmax:.3g} (thick)")
+    return _stack([title, top.image, bottom.image, bar])
+
+
+def summary_figure(clip: ClipAttention, block: BlockAttention) -> Image.Image:
+    """Where attention mass concentrates: the mean weight each key receives over ALL query positions, on every
+    shown frame, with the chosen queries marked."""
+    grid = block.grid
+    shown = clip.shown
+    vmin, vmax = _range(block.mean_weights)
+    scale = display_scale(clip.frames.shape[1])
+    base = [_resize_frame(clip.frames[i], scale) for i in shown]
+    size = (base[0].shape[1], base[0].shape[0])
+    over = [overlay(b, heat_to_frame(grid, heat_for_frame(grid, block.mean_weights, i), size), vmax, vmin)
+            for b, i in zip(base, shown)]
+    n = int(np.prod(grid.query_grid))
+    row = _Row(clip, shown, over, f"mean attention each key receives over all {n} query positions; "
+                                  "chosen queries marked")
+    for qi, q in enumerate(block.queries):
+        x, y = row.to_px(q.frame, q.x, q.y)
+        _marker(row.draw, x, y, r=7, label=f"q{qi + 1}")
+    width = max(row.image.width, 820)
+    title = _caption(
+        width,
+        [
+            f"{block.name} ({block.instantiation or '?'}): where attention mass concentrates",
+            f"prediction: {clip.label}  p={clip.prob:.3f} ({clip.view} view)   query grid {grid.query_grid}, "
+            f"key grid {grid.key_grid}",
+        ],
+    )
+    bar = _scale_bar(width, vmin, vmax, f"mean attention weight: {block.normalisation}")
+    return _stack([title, row.image, bar])
+
+
+def gif_frames(clip: ClipAttention, block: BlockAttention, qi: int) -> list[Image.Image]:
+    """The query's attention over every input frame of the clip (heat of the key cell holding each frame)."""
+    q = block.queries[qi]
+    grid = block.grid
+    vmin, vmax = _range(q.weights)
+    scale = display_scale(clip.frames.shape[1])
+    out = []
+    for i in range(clip.frames.shape[0]):
+        base = _resize_frame(clip.frames[i], scale)
+        h = heat_to_frame(grid, heat_for_frame(grid, q.weights, i), (base.shape[1], base.shape[0]))
+        img = Image.fromarray(overlay(base, h, vmax, vmin))
+        d = ImageDraw.Draw(img)
+        x, y = q.x * scale, q.y * scale
+        if grid.qt_of_frame(i) == q.cell[0]:
+            _marker(d, x, y, label=f"q{qi + 1}")
+        else:
+            d.ellipse((x - 6, y - 6, x + 6, y + 6), outline=QUERY_COLOUR, width=1)
+        _text(d, (6, 4), f"{block.name} q{qi + 1}  {_frame_label(clip, i)}", 14)
+        _text(d, (6, img.height - 22), f"{clip.label} p={clip.prob:.2f}  weight {vmin:.3g}..{vmax:.3g}", 14)
+        out.append(img)
+    return out
+
+
+def save_gif(images: Sequence[Image.Image], path: str | Path, *, ms_per_frame: int = 250) -> None:
+    pal = [im.convert("P", palette=Image.ADAPTIVE, colors=255) for im in images]
+    pal[0].save(path, save_all=True, append_images=pal[1:], duration=ms_per_frame, loop=0, optimize=False)
+
+
+def save_mp4(images: Sequence[Image.Image], path: str | Path, *, fps: float = 4.0) -> None:
+    """H.264 (libx264, else MPEG-4 Part 2) through PyAV; sizes rounded down to even numbers."""
+    import av
+
+    w, h = images[0].size
+    w, h = w - w % 2, h - h % 2
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=max(1, int(round(fps))))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for im in images:
+            frame = av.VideoFrame.from_ndarray(np.asarray(im.convert("RGB"))[:h, :w], format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def write_outputs(clip: ClipAttention, out_dir: str | Path, *, mp4: bool = False) -> list[Path]:
+    """Per block and query: <block>_q<i>.png and .gif (+ .mp4); per block: <block>_summary.png. Returns paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for b in clip.blocks:
+        stem = b.name.replace(".", "_")
+        for qi in range(len(b.queries)):
+            p = out_dir / f"{stem}_q{qi + 1}.png"
+            query_figure(clip, b, qi).save(p)
+            written.append(p)
+            frames = gif_frames(clip, b, qi)
+            g = out_dir / f"{stem}_q{qi + 1}.gif"
+            save_gif(frames, g)
+            written.append(g)
+            if mp4:
+                m = out_dir / f"{stem}_q{qi + 1}.mp4"
+                save_mp4(frames, m)
+                written.append(m)
+        s = out_dir / f"{stem}_summary.png"
+        summary_figure(clip, b).save(s)
+        written.append(s)
+    return written
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Terminal
+
+
+def _halfblock(img: np.ndarray):
+    """uint8 (H, W, 3) with even H -> rich Text of H/2 lines of "▀" (fg = upper pixel, bg = lower pixel)."""
+    from rich.text import Text
+
+    t = Text()
+    for r in range(0, img.shape[0] - 1, 2):
+        for c in range(img.shape[1]):
+            a, b = img[r, c], img[r + 1, c]
+            t.append("▀", style=f"rgb({a[0]},{a[1]},{a[2]}) on rgb({b[0]},{b[1]},{b[2]})")
+        if r + 2 < img.shape[0] - 1:
+            t.append("\n")
+    return t
+
+
+def terminal_renderable(clip: ClipAttention, *, width: int = 100, max_keys: int = 5):
+    """Frames with the heat overlay, query (green) and top keys (cyan) as half-block cells, plus a hotspot table."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    parts = []
+    n = len(clip.shown)
+    H, W = clip.frames.shape[1:3]
+    cols = max(8, min(48, (width - 2 * n) // max(1, n)))
+    rows = max(2, int(round(cols * H / W)))
+    rows += rows % 2
+    sx, sy = cols / W, rows / H
+    for b in clip.blocks:
+        for qi, q in enumerate(b.queries):
+            vmin, vmax = _range(q.weights)
+            panels = []
+            for i in clip.shown:
+                small = np.asarray(Image.fromarray(clip.frames[i]).resize((cols, rows), Image.BILINEAR))
+                heat = heat_to_frame(b.grid, heat_for_frame(b.grid, q.weights, i), (cols, rows))
+                img = overlay(small, heat, vmax, vmin)
+                for k in q.keys[:max_keys]:
+                    if k.frame == i:
+                        img[min(rows - 1, int(k.y * sy)), min(cols - 1, int(k.x * sx))] = KEY_COLOUR
+                if i == q.frame:
+                    img[min(rows - 1, int(q.y * sy)), min(cols - 1, int(q.x * sx))] = QUERY_COLOUR
+                panels.append(_halfblock(img).split("\n"))
+            head = Text(f"{b.name} q{qi + 1}: frame {q.frame}, x={q.x:.0f}, y={q.y:.0f} "
+                        f"(top-{len(q.keys)} mass {q.score:.0%})  frames {', '.join(map(str, clip.shown))}",
+                        style="bold")
+            body = Text()
+            for r in range(len(panels[0])):
+                for p in panels:
+                    body.append_text(p[r])
+                    body.append("  ")
+                body.append("\n")
+            parts += [head, body]
+        table = Table(title=f"{b.name} hotspots ({b.normalisation})", title_justify="left")
+        for col in ("query", "frame", "x, y", "top keys: frame (x, y) weight"):
+            table.add_column(col)
+        for qi, q in enumerate(b.queries):
+            keys = "; ".join(f"{k.frame} ({k.x:.0f}, {k.y:.0f}) {k.weight:.3f}" for k in q.keys[:max_keys])
+            table.add_row(f"q{qi + 1}", str(q.frame), f"{q.x:.0f}, {q.y:.0f}", keys)
+        parts.append(table)
+    parts.append(Text(f"prediction: {clip.label} p={clip.prob:.3f} (one {clip.view} view); "
+                      f"green = query, cyan = top keys, bright = more attention"))
+    return Group(*parts)
