@@ -1,0 +1,554 @@
+"""Datasets: folder-per-class roots and annotation lists, a cached metadata scan, the clip dataset and its loader.
+
+Layouts (`resolve_splits`):
+    root/<class>/<video>                    one split, classes = sorted folder names
+    root/train/<class>/..., root/val/...    train and val
+    list.txt / list.csv                     "path label" per line (whitespace or comma/tab separated); label is a
+                                            class name or an integer index; paths relative to the list file;
+                                            optional header line; '#' comments; optional classes.txt beside it
+                                            (one class name per line) fixes names and order.
+
+`scan_dataset` probes every file once (threads) and caches the result keyed by path + size + mtime in
+`<root>/.nlvid_scan.json`, or under the user cache dir (`$NLVID_CACHE_DIR`, else `$XDG_CACHE_HOME/nlvid`, else
+`~/.cache/nlvid`) when the data folder is read-only. Unreadable files are listed in the index (on_error="skip")
+or raise DatasetError listing them (on_error="fail"); never silently dropped.
+
+`VideoDataset` item i in epoch e draws all its randomness from (seed, e, i) only; `make_loader` tags each index
+with the dataset's epoch so worker processes (persistent or not) use the same epoch as the main process.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from nlvid.data import decode as _decode
+from nlvid.data.decode import VideoInfo, probe
+from nlvid.data.sampling import clip_indices, item_rng, random_start, uniform_starts
+from nlvid.data.transforms import MEAN, STD, random_short_side, test_views, train_transform
+from nlvid.errors import DatasetError, DecodeError
+
+VIDEO_EXTENSIONS = frozenset(
+    {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".gif", ".flv", ".wmv", ".3gp", ".ogv",
+     ".ts", ".mts", ".m2ts", ".vob"}
+)
+CACHE_NAME = ".nlvid_scan.json"
+_CACHE_VERSION = 1
+_HEADER_WORDS = {"path", "video", "file", "filename", "video_path", "clip", "name", "label", "class", "class_name",
+                 "category", "target", "label_id", "youtube_id"}
+
+
+# ---------------------------------------------------------------------------------------------------- splits
+
+
+def resolve_splits(data: str | Path, val: str | Path | None = None) -> tuple[Path, Path | None]:
+    """(train source, val source or None) from a folder-per-class root, a root holding train/ and val/, or an
+    annotation list (then `val` is the second list or folder, or None)."""
+    data = Path(data)
+    if not data.exists():
+        raise DatasetError(f"{data}: not found (expected a folder of class folders, a folder with train/ and val/, "
+                           "or an annotation list file)")
+    train_src = data
+    val_src = Path(val) if val is not None else None
+    if data.is_dir() and (data / "train").is_dir():
+        train_src = data / "train"
+        if val_src is None and (data / "val").is_dir():
+            val_src = data / "val"
+    if val_src is not None and not val_src.exists():
+        raise DatasetError(f"{val_src}: validation data not found")
+    return train_src, val_src
+
+
+# ---------------------------------------------------------------------------------------------------- index
+
+
+@dataclass
+class DatasetIndex:
+    """A scanned dataset. items: (path, label index) of readable videos; unreadable: (path, reason);
+    counts: readable clips per class (every class, zeros included); infos: probe result per path string."""
+
+    classes: list[str]
+    items: list[tuple[Path, int]]
+    unreadable: list[tuple[Path, str]]
+    counts: dict[str, int]
+    source: Path | None = None
+    infos: dict[str, VideoInfo] = field(default_factory=dict)
+    unreadable_counts: dict[str, int] = field(default_factory=dict)
+    ignored: list[Path] = field(default_factory=list)  # non-video files in class folders
+    cache_path: Path | None = None
+    probed: int = 0  # files probed by this call (the rest came from the cache)
+
+
+def _is_hidden(p: Path) -> bool:
+    return p.name.startswith(".")
+
+
+def _entries_from_folder(root: Path, classes: list[str] | None):
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not _is_hidden(d))
+    if not class_dirs:
+        loose = [f for f in root.iterdir() if f.suffix.lower() in VIDEO_EXTENSIONS]
+        hint = f" (found {len(loose)} videos directly in it: put them in class folders)" if loose else ""
+        raise DatasetError(f"{root}: no class folders; expected {root}/<class>/<video>{hint}")
+    names = [d.name for d in class_dirs]
+    if classes is None:
+        classes = names
+    lookup = {c: i for i, c in enumerate(classes)}
+    entries, ignored = [], []
+    for d in class_dirs:
+        if d.name not in lookup:
+            shown = ", ".join(classes[:8]) + (", ..." if len(classes) > 8 else "")
+            raise DatasetError(f"{d}: class '{d.name}' is not one of the {len(classes)} known classes ({shown})")
+        for f in sorted(d.rglob("*")):
+            if not f.is_file() or any(part.startswith(".") for part in f.relative_to(d).parts):
+                continue
+            if f.suffix.lower() in VIDEO_EXTENSIONS:
+                entries.append((f, lookup[d.name]))
+            else:
+                ignored.append(f)
+    return list(classes), entries, ignored
+
+
+def _read_class_file(path: Path) -> list[str]:
+    names = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()]
+    names = [n for n in names if n and not n.startswith("#")]
+    if len(set(names)) != len(names):
+        raise DatasetError(f"{path}: duplicate class names")
+    return names
+
+
+def _as_int(s: str) -> int | None:
+    try:
+        return int(s)
+    except ValueError:
+        return None
+
+
+def _entries_from_list(list_path: Path, classes: list[str] | None):
+    base = list_path.parent
+    try:
+        text = list_path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise DatasetError(f"{list_path}: not a UTF-8 text annotation list") from None
+    except OSError as e:
+        raise DatasetError(f"{list_path}: cannot read ({e.strerror or e})") from None
+    rows: list[tuple[int, str, str]] = []
+    for no, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "," in line or "\t" in line:
+            fields = [f.strip() for f in next(csv.reader(io.StringIO(line), delimiter="\t" if "\t" in line else ","))]
+            fields = [f for f in fields if f != ""]
+        else:
+            fields = line.rsplit(None, 1)
+        if len(fields) < 2:
+            raise DatasetError(f"{list_path}:{no}: expected 'path label', got {line!r}")
+        rel, label = fields[0], fields[1]
+        if not rows and (rel.lower() in _HEADER_WORDS or label.lower() in _HEADER_WORDS) and not (base / rel).exists():
+            continue  # header line
+        rows.append((no, rel, label))
+    if not rows:
+        raise DatasetError(f"{list_path}: no entries (expected lines 'path label')")
+    if classes is None and (base / "classes.txt").is_file() and (base / "classes.txt") != list_path:
+        classes = _read_class_file(base / "classes.txt")
+    ints = [_as_int(lb) for _, _, lb in rows]
+    if classes is None:
+        if all(i is not None for i in ints):
+            classes = [str(i) for i in range(max(ints) + 1)]
+        elif any(i is not None for i in ints):
+            no = rows[next(k for k, i in enumerate(ints) if i is not None)][0]
+            raise DatasetError(f"{list_path}:{no}: label is an index but other lines use class names; use one "
+                               "kind, or add classes.txt beside the list")
+        else:
+            classes = sorted({lb for _, _, lb in rows})
+    lookup = {c: i for i, c in enumerate(classes)}
+    entries = []
+    for (no, rel, label), as_int in zip(rows, ints):
+        if label in lookup:
+            idx = lookup[label]
+        elif as_int is not None and 0 <= as_int < len(classes):
+            idx = as_int
+        else:
+            shown = ", ".join(classes[:8]) + (", ..." if len(classes) > 8 else "")
+            raise DatasetError(f"{list_path}:{no}: unknown label {label!r} (known: {shown}; or an index "
+                               f"0..{len(classes) - 1})")
+        p = Path(rel) if Path(rel).is_absolute() else base / rel
+        if not p.is_file():
+            raise DatasetError(f"{list_path}:{no}: video {rel!r} not found (paths are relative to the list file)")
+        entries.append((p, idx))
+    return list(classes), entries, []
+
+
+# ---------------------------------------------------------------------------------------------------- cache
+
+
+def user_cache_dir() -> Path:
+    env = os.environ.get("NLVID_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "nlvid"
+
+
+def _cache_paths(root: Path) -> list[Path]:
+    """Candidate cache files, preferred first: beside the data, then the user cache dir."""
+    key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+    return [root / CACHE_NAME, user_cache_dir() / f"scan-{key}.json"]
+
+
+def _load_cache(root: Path) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for p in reversed(_cache_paths(root)):  # the preferred file wins
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("version") == _CACHE_VERSION and isinstance(data.get("files"), dict):
+            merged.update(data["files"])
+    return merged
+
+
+def _save_cache(root: Path, files: dict[str, Any]) -> Path | None:
+    payload = json.dumps({"version": _CACHE_VERSION, "files": files}, indent=0, sort_keys=True)
+    for p in _cache_paths(root):
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".nlvid_scan.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(payload)
+                os.replace(tmp, p)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            return p
+        except OSError:
+            continue
+    return None
+
+
+def _stat_key(p: Path) -> tuple[int, int] | None:
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+# ---------------------------------------------------------------------------------------------------- scan
+
+
+def scan_dataset(
+    source: str | Path,
+    *,
+    classes: Sequence[str] | None = None,
+    on_error: str = "skip",
+    cache: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+    workers: int | None = None,
+) -> DatasetIndex:
+    """Find every video of a folder-per-class root or annotation list, probe it (cached), and index it.
+
+    classes: fixed class names/order (e.g. from a checkpoint); a folder or label outside them is a DatasetError.
+    on_error: "skip" lists unreadable files in `index.unreadable`; "fail" raises DatasetError listing them.
+    progress(done, total) is called as files are probed.
+    """
+    if on_error not in ("skip", "fail"):
+        raise DatasetError(f"on_error must be 'skip' or 'fail' (got {on_error!r})")
+    source = Path(source)
+    if not source.exists():
+        raise DatasetError(f"{source}: not found")
+    classes = list(classes) if classes is not None else None
+    if source.is_dir():
+        classes, entries, ignored = _entries_from_folder(source, classes)
+        root = source
+    else:
+        classes, entries, ignored = _entries_from_list(source, classes)
+        root = source.parent
+    if not entries:
+        raise DatasetError(f"{source}: no videos found (extensions: {', '.join(sorted(VIDEO_EXTENSIONS))})")
+
+    cached = _load_cache(root) if cache else {}
+    results: dict[str, Any] = {}
+    todo: list[Path] = []
+    queued: set[str] = set()
+    for p, _ in entries:
+        key = str(p.resolve())
+        st = _stat_key(p)
+        hit = cached.get(key)
+        if hit is not None and st is not None and [hit.get("size"), hit.get("mtime_ns")] == list(st):
+            results[key] = hit
+        elif key not in queued:
+            queued.add(key)
+            todo.append(p)
+    total = len(entries)
+    done = total - len(todo)
+    if progress is not None:
+        progress(done, total)
+
+    def _one(p: Path) -> tuple[str, dict[str, Any]]:
+        st = _stat_key(p) or (0, 0)
+        rec: dict[str, Any] = {"size": st[0], "mtime_ns": st[1]}
+        try:
+            rec["info"] = asdict(probe(p))
+        except DecodeError as e:
+            rec["error"] = e.reason
+        except Exception as e:  # noqa: BLE001 - anything else is also "unreadable", with its reason
+            rec["error"] = f"{type(e).__name__}: {e}"
+        return str(p.resolve()), rec
+
+    if todo:
+        n_workers = workers or min(8, max(1, os.cpu_count() or 1) * 2)
+        with ThreadPoolExecutor(max_workers=n_workers) as ex:
+            for key, rec in ex.map(_one, todo):
+                results[key] = rec
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+
+    cache_path = None
+    if cache and todo:
+        merged = dict(cached)
+        merged.update(results)
+        cache_path = _save_cache(root, merged)
+    elif cache:
+        cache_path = next((p for p in _cache_paths(root) if p.exists()), None)
+
+    items, unreadable, infos = [], [], {}
+    counts = {c: 0 for c in classes}
+    bad_counts = {c: 0 for c in classes}
+    for p, label in entries:
+        rec = results[str(p.resolve())]
+        if "info" in rec:
+            items.append((p, label))
+            infos[str(p)] = VideoInfo(**rec["info"])
+            counts[classes[label]] += 1
+        else:
+            unreadable.append((p, rec.get("error", "unreadable")))
+            bad_counts[classes[label]] += 1
+    if unreadable and on_error == "fail":
+        shown = "; ".join(f"{p}: {r}" for p, r in unreadable[:3])
+        more = f" (and {len(unreadable) - 3} more)" if len(unreadable) > 3 else ""
+        raise DatasetError(f"{source}: {len(unreadable)} unreadable video(s): {shown}{more} "
+                           "(data.on_error=skip leaves them out)")
+    return DatasetIndex(classes=classes, items=items, unreadable=unreadable, counts=counts, source=source,
+                        infos=infos, unreadable_counts=bad_counts, ignored=ignored, cache_path=cache_path,
+                        probed=len(todo))
+
+
+def format_scan_table(index: DatasetIndex, *, max_unreadable: int = 10):
+    """A rich renderable for stderr: clips and unreadable files per class, then the unreadable files."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    title = f"{index.source}" if index.source is not None else "dataset"
+    table = Table(title=title, title_justify="left", show_footer=True)
+    table.add_column("class", footer="total")
+    table.add_column("clips", justify="right", footer=str(len(index.items)))
+    table.add_column("unreadable", justify="right", footer=str(len(index.unreadable)))
+    for c in index.classes:
+        bad = index.unreadable_counts.get(c, 0)
+        table.add_row(c, str(index.counts.get(c, 0)), f"[red]{bad}[/]" if bad else "0")
+    parts: list[Any] = [table]
+    for p, reason in index.unreadable[:max_unreadable]:
+        parts.append(Text(f"unreadable, skipped: {p}: {reason}", style="yellow"))
+    if len(index.unreadable) > max_unreadable:
+        parts.append(Text(f"... and {len(index.unreadable) - max_unreadable} more unreadable files", style="yellow"))
+    if index.ignored:
+        parts.append(Text(f"ignored {len(index.ignored)} non-video file(s), e.g. {index.ignored[0]}", style="dim"))
+    return Group(*parts)
+
+
+# ---------------------------------------------------------------------------------------------------- dataset
+
+
+class VideoDataset(torch.utils.data.Dataset):
+    """Clips from a list of (path, label) items.
+
+    Train item: (clip float32 (3, T, crop, crop), label, index). Test item: (views float32
+    (num_clips * num_crops, 3, T, S, S), label, index), views ordered clip-major (clip 0 crops 0..K-1, clip 1, ...).
+    `index` is the item actually returned: when a video fails with on_error="skip" a warning naming it goes to
+    stderr and the next readable item (index + 1, + 2, ... wrapping) is returned in its place. Failures are
+    counted in `self.failures` (per process: with worker processes each worker counts its own).
+    Item keys may be an int or (index, epoch) (make_loader sends the latter).
+    """
+
+    def __init__(
+        self,
+        items: Iterable[tuple[str | Path, int]],
+        *,
+        train: bool,
+        num_frames: int,
+        stride: int,
+        train_short_side: Sequence[int] | int = (256, 320),
+        crop_size: int = 224,
+        test_short_side: int = 256,
+        test_crop_size: int = 256,
+        num_clips: int = 10,
+        num_crops: int = 3,
+        flip: bool = True,
+        mean: Sequence[float] = MEAN,
+        std: Sequence[float] = STD,
+        on_error: str = "skip",
+        seed: int = 0,
+    ):
+        if on_error not in ("skip", "fail"):
+            raise DatasetError(f"on_error must be 'skip' or 'fail' (got {on_error!r})")
+        if num_frames < 1 or stride < 1:
+            raise DatasetError(f"num_frames and stride must be >= 1 (got {num_frames}, {stride})")
+        self.items = [(Path(p), int(lb)) for p, lb in items]
+        self.train = bool(train)
+        self.num_frames, self.stride = int(num_frames), int(stride)
+        self.train_short_side = train_short_side
+        self.crop_size = int(crop_size)
+        self.test_short_side, self.test_crop_size = int(test_short_side), int(test_crop_size)
+        self.num_clips, self.num_crops = int(num_clips), int(num_crops)
+        self.flip = bool(flip)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.on_error = on_error
+        self.seed = int(seed)
+        self.epoch = 0
+        self.failures: list[tuple[int, str, str]] = []  # (index, path, reason), this process
+        self._bad: set[int] = set()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key):
+        if isinstance(key, (tuple, list)):
+            index, epoch = int(key[0]), int(key[1])
+        else:
+            index, epoch = int(key), self.epoch
+        n = len(self.items)
+        if not 0 <= index < n:
+            raise IndexError(f"item {index} out of range (dataset has {n})")
+        for attempt in range(n):
+            j = (index + attempt) % n
+            if j in self._bad:
+                continue
+            path, label = self.items[j]
+            try:
+                return self.load(j, epoch), label, j
+            except DecodeError as e:
+                if self.on_error == "fail":
+                    raise
+                self._bad.add(j)
+                self.failures.append((j, str(path), e.reason))
+                print(f"warning: skipping unreadable video {path}: {e.reason} (item {j}; "
+                      f"{len(self.failures)} failure(s) so far in this process)", file=sys.stderr, flush=True)
+        raise DatasetError(f"none of the {n} videos could be decoded (first failure: {self.failures[0][1]})")
+
+    def load(self, index: int, epoch: int = 0) -> torch.Tensor:
+        """The tensor of item `index` in `epoch` (no error substitution)."""
+        path, _ = self.items[index]
+        rng = item_rng(self.seed, epoch, index)
+        if self.train:
+            short = max(random_short_side(rng, self.train_short_side), self.crop_size)
+            with _decode._Video(path) as v:
+                total = v.frame_count_estimate()
+                start = random_start(total, num_frames=self.num_frames, stride=self.stride, rng=rng)
+                idx = clip_indices(start, num_frames=self.num_frames, stride=self.stride, total=total)
+                frames = v.decode_times(idx / v.fps, short_side=short)
+            return train_transform(frames, rng=rng, short_side=None, crop_size=self.crop_size, flip=self.flip,
+                                   mean=self.mean, std=self.std)
+        short = max(self.test_short_side, self.test_crop_size)
+        starts = partial(uniform_starts, num_frames=self.num_frames, stride=self.stride, num_clips=self.num_clips)
+        clips = _decode.read_clips(path, starts, num_frames=self.num_frames, stride=self.stride, short_side=short)
+        views = [test_views(c, short_side=short, crop_size=self.test_crop_size, num_crops=self.num_crops,
+                            mean=self.mean, std=self.std)[0] for c in clips]
+        return torch.cat(views)  # num_clips x (K, 3, T, S, S) -> (num_clips * K, 3, T, S, S)
+
+
+# ---------------------------------------------------------------------------------------------------- loader
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (index, epoch) so that every worker uses the epoch set on the main process's dataset.
+
+    Order: `base` (any iterable of indices or a Sampler; its set_epoch is called) if given, else a permutation
+    drawn from (seed, epoch) when shuffling, else 0..n-1.
+    """
+
+    def __init__(self, dataset, *, base=None, shuffle: bool = False, seed: int = 0, tag: bool = True):
+        self.dataset, self.base, self.shuffle, self.seed, self.tag = dataset, base, shuffle, int(seed), tag
+
+    def _epoch(self) -> int:
+        return int(getattr(self.dataset, "epoch", 0))
+
+    def __iter__(self):
+        epoch = self._epoch()
+        if self.base is not None:
+            if hasattr(self.base, "set_epoch"):
+                self.base.set_epoch(epoch)
+            order = iter(self.base)
+        elif self.shuffle:
+            g = np.random.default_rng(np.random.SeedSequence([self.seed & 0xFFFFFFFF, epoch, 0x5EED]))
+            order = iter(g.permutation(len(self.dataset)).tolist())
+        else:
+            order = iter(range(len(self.dataset)))
+        for i in order:
+            yield (int(i), epoch) if self.tag else int(i)
+
+    def __len__(self) -> int:
+        return len(self.base) if self.base is not None else len(self.dataset)
+
+
+def _worker_init(worker_id: int, *, seed: int) -> None:
+    import random
+
+    torch.set_num_threads(1)  # workers decode; the main process computes
+    s = (int(seed) * 1000 + worker_id) & 0xFFFFFFFF
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def make_loader(
+    dataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int,
+    seed: int,
+    drop_last: bool = False,
+    sampler=None,
+    pin_memory: bool | None = None,
+) -> torch.utils.data.DataLoader:
+    """DataLoader over a VideoDataset: deterministic order ((seed, epoch) permutation when shuffling, or the
+    given sampler / index list), worker processes seeded from (seed, worker id), pinned memory on CUDA,
+    persistent workers when num_workers > 0."""
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    tag = isinstance(dataset, VideoDataset)
+    smp = EpochSampler(dataset, base=sampler, shuffle=shuffle and sampler is None, seed=seed, tag=tag)
+    kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        kwargs.update(persistent_workers=True, prefetch_factor=2,
+                      worker_init_fn=partial(_worker_init, seed=seed))
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=smp,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(int(seed)),
+        **kwargs,
+    )

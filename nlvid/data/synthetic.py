@@ -1,0 +1,200 @@
+"""A small real-video dataset whose labels need long-range reasoning in space AND time.
+
+Each clip (H.264 MP4, yuv420p, 64x64, 16 frames at 8 fps) shows:
+- object A (a coloured square, disc or triangle) in the FIRST frames (0 .. 3-5) on one side (left or right half),
+  drifting slightly; it then disappears;
+- object B in the LAST frames (10-12 .. 15) on the OTHER side;
+- a grey distractor shape crossing the frame in the middle frames, a random dark background with static texture,
+  and per-frame pixel noise.
+
+The label compares A with B (classes=4: same shape? x same colour?; classes=2: same shape?; classes=6: same
+shape? x hue relation same / next / previous on a 3-hue wheel). Every single object is uniformly distributed
+over the classes, so no local feature decides the label: a model must relate two objects ~40 px and ~10 frames
+apart. A bag of local features pooled by global averaging and a linear classifier cannot do it (same-vs-different
+is an XOR-like relation: with colour indicators averaged, "two reds" and "one red + one green" have the same sum),
+whereas a non-local block can compare the two positions directly.
+
+Sampling for the tiny config: num_frames 8, stride 2 covers the whole clip (frames 0/1, 2/3, ... 14/15), so the
+first and the last objects are both seen. Everything is deterministic from the seed (numpy Generator per clip,
+single-threaded x264).
+
+Output (`write_synthetic`): root/train/<class>/*.mp4, root/val/<class>/*.mp4 (a held-out quarter per class) and
+root/annotations.json (format in the team contract: per clip the two label-deciding objects with their frame range
+[t0, t1] inclusive and pixel box [x0, y0, x1, y1] (x1, y1 exclusive) covering the object over those frames).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from nlvid.errors import ConfigError
+
+SIZE = 64
+NUM_FRAMES = 16
+FPS = 8
+SHAPES = ("square", "disc", "triangle")
+HUES = ("red", "green", "blue")
+_RGB = {"red": (225, 45, 40), "green": (40, 205, 60), "blue": (55, 90, 235)}
+_COLOUR_RELATIONS = {2: ("any",), 4: ("same", "diff"), 6: ("same", "next", "prev")}
+
+
+def class_names(classes: int) -> list[str]:
+    """Class names for a supported class count (2, 4 or 6), in label order."""
+    if classes not in _COLOUR_RELATIONS:
+        raise ConfigError(f"synthetic classes must be one of 2, 4, 6 (got {classes})")
+    names = []
+    for shape_rel in ("same_shape", "diff_shape"):
+        for colour_rel in _COLOUR_RELATIONS[classes]:
+            names.append(shape_rel if colour_rel == "any" else f"{shape_rel}_{colour_rel}_colour")
+    return names
+
+
+def _mask(shape: str, size: int) -> np.ndarray:
+    """Boolean (size, size) mask of a shape."""
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    c = size / 2
+    if shape == "square":
+        m = np.ones((size, size), bool)
+        m[:1] = m[-1:] = False
+        m[:, :1] = m[:, -1:] = False
+        return m
+    if shape == "disc":
+        return (yy - c) ** 2 + (xx - c) ** 2 <= (size / 2 - 0.5) ** 2
+    if shape == "triangle":  # apex up
+        return (yy >= 1) & (np.abs(xx - c) <= (yy - 1) * 0.5 * (size - 1) / (size - 2)) & (yy <= size - 1)
+    raise ValueError(shape)
+
+
+def _paste(frame: np.ndarray, mask: np.ndarray, x0: int, y0: int, rgb) -> None:
+    h, w = mask.shape
+    H, W = frame.shape[:2]
+    xa, ya, xb, yb = max(0, x0), max(0, y0), min(W, x0 + w), min(H, y0 + h)
+    if xa >= xb or ya >= yb:
+        return
+    sub = mask[ya - y0 : yb - y0, xa - x0 : xb - x0]
+    frame[ya:yb, xa:xb][sub] = rgb
+
+
+def _clip(rng: np.random.Generator, label: int, classes: int):
+    """Frames uint8 (T, H, W, 3) and the label-deciding objects of one clip."""
+    colour_rels = _COLOUR_RELATIONS[classes]
+    shape_same = label < len(colour_rels)
+    colour_rel = colour_rels[label % len(colour_rels)]
+    sa = int(rng.integers(len(SHAPES)))
+    sb = sa if shape_same else int((sa + rng.integers(1, len(SHAPES))) % len(SHAPES))
+    ca = int(rng.integers(len(HUES)))
+    if colour_rel == "any":
+        cb = int(rng.integers(len(HUES)))
+    elif colour_rel == "same":
+        cb = ca
+    elif colour_rel == "diff":
+        cb = int((ca + rng.integers(1, len(HUES))) % len(HUES))
+    else:
+        cb = (ca + (1 if colour_rel == "next" else -1)) % len(HUES)
+
+    # Background: dark colour + static texture; per-frame noise added at the end.
+    base = rng.integers(15, 55, size=3)
+    texture = rng.integers(-10, 11, size=(SIZE, SIZE, 1)) + rng.integers(-4, 5, size=(SIZE, SIZE, 3))
+    background = np.clip(base + texture, 0, 255)
+    frames = np.repeat(background[None].astype(np.int16), NUM_FRAMES, axis=0)
+
+    a_left = bool(rng.integers(2))
+    objects = []
+    specs = [
+        (SHAPES[sa], HUES[ca], 0, int(rng.integers(3, 6)), a_left),
+        (SHAPES[sb], HUES[cb], int(rng.integers(10, 13)), NUM_FRAMES - 1, not a_left),
+    ]
+    for shape, hue, t0, t1, left in specs:
+        size = int(rng.integers(12, 17))
+        cx = rng.uniform(4, SIZE / 2 - size - 2) if left else rng.uniform(SIZE / 2 + 2, SIZE - size - 4)
+        cy = rng.uniform(3, SIZE - size - 3)
+        vx, vy = rng.uniform(-0.6, 0.6, size=2)
+        rgb = (np.array(_RGB[hue]) * rng.uniform(0.8, 1.0)).astype(np.int16)
+        mask = _mask(shape, size)
+        xs, ys = [], []
+        for t in range(t0, t1 + 1):
+            x = int(round(cx + vx * (t - t0)))
+            y = int(round(cy + vy * (t - t0)))
+            x = min(max(x, 0), SIZE - size)
+            y = min(max(y, 0), SIZE - size)
+            _paste(frames[t], mask, x, y, rgb)
+            xs.append(x)
+            ys.append(y)
+        box = [min(xs), min(ys), max(xs) + size, max(ys) + size]
+        objects.append({"frames": [t0, t1], "box": box, "shape": shape, "colour": hue})
+
+    # Distractor: a grey shape crossing the frame during the middle frames (never decides the label).
+    d_shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    d_size = int(rng.integers(10, 15))
+    d_mask = _mask(d_shape, d_size)
+    grey = int(rng.integers(110, 200))
+    x_from, x_to = rng.uniform(0, SIZE - d_size, size=2)
+    dy = rng.uniform(0, SIZE - d_size)
+    d_t0, d_t1 = int(rng.integers(3, 6)), int(rng.integers(10, 13))
+    for t in range(d_t0, d_t1 + 1):
+        f = (t - d_t0) / max(1, d_t1 - d_t0)
+        _paste(frames[t], d_mask, int(round(x_from + (x_to - x_from) * f)), int(dy), (grey, grey, grey))
+
+    frames += rng.integers(-6, 7, size=frames.shape, dtype=np.int16)
+    return np.clip(frames, 0, 255).astype(np.uint8), objects
+
+
+def _encode(path: Path, frames: np.ndarray) -> None:
+    import av
+
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream("libx264", rate=FPS, options={"crf": "18", "preset": "veryfast", "threads": "1",
+                                                                "bframes": "0"})
+        stream.width, stream.height, stream.pix_fmt = SIZE, SIZE, "yuv420p"
+        stream.codec_context.thread_count = 1
+        for arr in frames:
+            frame = av.VideoFrame.from_ndarray(arr, format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+
+
+def write_synthetic(
+    root: str | Path,
+    *,
+    classes: int = 4,
+    clips_per_class: int = 50,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Write the dataset under `root` (see the module docstring); returns a summary dict
+    {root, classes, train, val, num_frames, size, fps}. progress(done, total) is called per clip."""
+    names = class_names(classes)
+    if clips_per_class < 1:
+        raise ConfigError(f"clips_per_class must be >= 1 (got {clips_per_class})")
+    root = Path(root)
+    n_val = 0 if clips_per_class < 2 else max(1, round(clips_per_class / 4))
+    total = classes * clips_per_class
+    clips_meta: dict[str, dict] = {}
+    done = n_train = n_vals = 0
+    for split in ("train", "val"):
+        for name in names:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+    for label, name in enumerate(names):
+        for i in range(clips_per_class):
+            rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, label, i]))
+            frames, objects = _clip(rng, label, classes)
+            split = "val" if i >= clips_per_class - n_val else "train"
+            rel = f"{split}/{name}/{name}_{i:04d}.mp4"
+            _encode(root / rel, frames)
+            clips_meta[rel] = {"label": name, "objects": objects}
+            n_train += split == "train"
+            n_vals += split == "val"
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    ann = {"classes": sorted(names), "num_frames": NUM_FRAMES, "size": [SIZE, SIZE], "fps": FPS, "seed": int(seed),
+           "clips": clips_meta}
+    (root / "annotations.json").write_text(json.dumps(ann, indent=1))
+    return {"root": str(root), "classes": names, "train": n_train, "val": n_vals, "num_frames": NUM_FRAMES,
+            "size": [SIZE, SIZE], "fps": FPS}
