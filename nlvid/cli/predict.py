@@ -1,8 +1,98 @@
-"""`nlvid predict` (not implemented yet: says so and exits 1)."""
+"""`nlvid predict CLIP [CLIP ...]`: top-k labels per video (multi-view averaged), a table or JSON on stdout."""
 
-from nlvid.cli.common import not_available
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from nlvid.cli.common import JsonOption, err_console, out_console
+
+CheckpointOption = Annotated[
+    Optional[Path],
+    typer.Option("--checkpoint", "-c", help="nlvid checkpoint. Default: $NLVID_CHECKPOINT, else the newest "
+                 "best.pt under ./runs/.", show_default=False),
+]
 
 
-def predict() -> None:
-    """Not available yet."""
-    not_available("predict")
+def _table(result: dict[str, Any]):
+    from rich.table import Table
+
+    t = Table(title=result["file"], title_justify="left")
+    t.add_column("rank", justify="right")
+    t.add_column("label")
+    t.add_column("probability", justify="right")
+    for i, r in enumerate(result["top"], 1):
+        t.add_row(str(i), r["label"], f"{r['prob']:.4f}")
+    return t
+
+
+def _timeline(result: dict[str, Any]):
+    from rich.table import Table
+
+    t = Table(title=f"{result['file']}: per window", title_justify="left")
+    for col, j in (("start s", "right"), ("end s", "right"), ("top label", "left"), ("prob", "right")):
+        t.add_column(col, justify=j)
+    for s in result["segments"]:
+        t.add_row(f"{s['start']:.2f}", f"{s['end']:.2f}", s["label"], f"{s['prob']:.4f}")
+    return t
+
+
+def predict(
+    clips: Annotated[list[Path], typer.Argument(help="Video files.", show_default=False)],
+    checkpoint: CheckpointOption = None,
+    topk: Annotated[int, typer.Option("--topk", "-k", min=1, help="Labels shown per video.")] = 5,
+    num_clips: Annotated[Optional[int], typer.Option("--clips", min=1, help="Clips per video, evenly spaced "
+                                                     "(default: the checkpoint's data.num_clips).")] = None,
+    num_crops: Annotated[Optional[int], typer.Option("--crops", min=1, help="Spatial crops per clip "
+                                                     "(default: the checkpoint's data.num_crops).")] = None,
+    segments: Annotated[Optional[float], typer.Option("--segments", help="Also give a timeline: the top label "
+                                                      "of every window of this many seconds.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Views per forward pass.")] = 8,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Decoding threads.")] = 2,
+    json_: JsonOption = False,
+) -> None:
+    """Predict the top labels of each video. Errors name the file on stderr; the others are still predicted
+    (exit code 1 if any failed).
+
+    Example: nlvid predict a.mp4 b.mkv --checkpoint runs/tiny/best.pt --json
+    """
+    from nlvid.engine.checkpoint import load_model
+    from nlvid.viz.predict import data_settings, pick_device, predict_files, resolve_checkpoint
+
+    path = resolve_checkpoint(checkpoint)
+    dev = pick_device(device)
+    model, classes, cfg = load_model(path, device=dev)
+    settings = data_settings(cfg, num_clips=num_clips, num_crops=num_crops)
+
+    def run(progress=None):
+        return predict_files(model, classes, clips, topk=topk, segments=segments, batch_size=batch_size,
+                             device=dev, workers=workers, progress=progress, **settings)
+
+    if len(clips) > 1:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TextColumn("{task.description}"), console=err_console, transient=True) as bar:
+            task = bar.add_task("", total=len(clips))
+            results = run(lambda done, total, f: bar.update(task, completed=done, description=Path(f).name))
+    else:
+        results = run()
+
+    failed = [r for r in results if "error" in r]
+    for r in failed:
+        err_console.print(f"[bold red]error:[/] {r['file']}: {r['error']}", highlight=False, soft_wrap=True)
+    if json_:
+        typer.echo(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            if "error" in r:
+                continue
+            out_console.print(_table(r))
+            if "segments" in r:
+                out_console.print(_timeline(r))
+    if failed:
+        raise typer.Exit(1)
