@@ -1,8 +1,133 @@
-"""`nlvid build` (not implemented yet: says so and exits 1)."""
+"""`nlvid build MODEL_OR_CONFIG`: build a model, print its summary; optionally import weights and write a checkpoint."""
 
-from nlvid.cli.common import not_available
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from nlvid.cli.common import JsonOption, SetOption, err_console, out_console
 
 
-def build() -> None:
-    """Not available yet."""
-    not_available("build")
+def _table(name: str, summary: dict, classes: int):
+    from rich.table import Table
+
+    from nlvid.models.summary import format_bytes, format_count
+
+    c, t, h, w = summary["input"]
+    title = f"{name}  input {c}x{t}x{h}x{w}  ({classes} classes)"
+    table = Table(title=title, title_justify="left",
+                  caption="stage rows include their Non-local blocks (indented)" if summary["nonlocal"] else None,
+                  caption_justify="left")
+    table.add_column("layer")
+    table.add_column("output (C x T x H x W)")
+    table.add_column("params", justify="right")
+    table.add_column("MACs", justify="right")
+    nl_by_stage: dict[str, list[dict]] = {}
+    for row in summary["nonlocal"]:
+        nl_by_stage.setdefault(row["name"].split(".")[0], []).append(row)
+    for st in summary["stages"]:
+        table.add_row(st["name"], " x ".join(map(str, st["output"])), format_count(st["params"]),
+                      format_count(st["macs"]))
+        for row in nl_by_stage.get(st["name"], []):
+            table.add_row(f"  {row['name']}", " x ".join(map(str, row["input"])), format_count(row["params"]),
+                          format_count(row["macs"]), style="cyan")
+    table.add_section()
+    table.add_row("total", "", f"{summary['params']:,}", f"{summary['macs'] / 1e9:.2f} G", style="bold")
+    tables = [table]
+    if summary["nonlocal"]:
+        nl = Table(title="Non-local blocks (attention per clip)", title_justify="left")
+        for col, just in (("block", "left"), ("mode", "left"), ("queries N", "right"), ("keys N'", "right"),
+                          ("key grid", "left"), ("attn fp32", "right")):
+            nl.add_column(col, justify=just)  # type: ignore[arg-type]
+        for row in summary["nonlocal"]:
+            nl.add_row(row["name"], row["mode"], f"{row['queries']:,}", f"{row['keys']:,}",
+                       " x ".join(map(str, row["key_grid"])), format_bytes(row["attention_bytes"]))
+        total = sum(r["attention_bytes"] for r in summary["nonlocal"])
+        nl.add_section()
+        nl.add_row("total", "", "", "", "", format_bytes(total), style="bold")
+        tables.append(nl)
+    return tables
+
+
+def build(
+    model: Annotated[str, typer.Argument(help="Model preset: c2d_r{18,34,50,101}, i3d_r{50,101}, "
+                                              "i3d333_r{50,101}, each also with _nl1/_nl5/_nl10, or tiny; a bundled "
+                                              "config name (sample_configs/) or a YAML path.", show_default=False)],
+    frames: Annotated[Optional[int], typer.Option("--frames", "-t", help="Clip length T. Default: the config's "
+                                                  "data.num_frames (8).")] = None,
+    size: Annotated[Optional[int], typer.Option("--size", "-s", help="Square crop size. Default: the config's "
+                                                "data.crop_size (224).")] = None,
+    classes: Annotated[Optional[int], typer.Option("--classes", help="Number of classes. Default: the config's "
+                                                   "model.num_classes (400), or the imported weights'.")] = None,
+    layout: Annotated[Optional[str], typer.Option("--layout", help="Temporal layout: 8x8 (PySlowFast, default) or "
+                                                  "32x2 (paper / Caffe2).")] = None,
+    set_: SetOption = None,
+    init: Annotated[Optional[str], typer.Option("--init", metavar="FORMAT=PATH", help="Initial weights: "
+                                                "imagenet=torchvision.pth (inflated), nlvid=, pyslowfast=, caffe2=, "
+                                                "mmaction2=.")] = None,
+    export: Annotated[Optional[str], typer.Option("--export", metavar="FORMAT=FILE", help="Also write the weights "
+                                                  "in another format, e.g. pyslowfast=model.pyth.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write an nlvid checkpoint (model, resolved "
+                                                "config, class names).")] = None,
+    json_: JsonOption = False,
+) -> None:
+    """Build a model and print its summary: per-stage output shapes, parameters, multiply-adds, Non-local blocks.
+
+    Examples:
+
+      nlvid build c2d_r50_nl5
+
+      nlvid build c2d_r101 --layout 32x2 --frames 32 --json
+
+      nlvid build i3d_r50_nl5 --init pyslowfast=I3D_NLN_8x8_R50.pkl --out i3d_nl5.pt
+    """
+    from nlvid.config import load_config
+    from nlvid.engine.checkpoint import save_checkpoint
+    from nlvid.errors import ConfigError
+    from nlvid.models.summary import summarize
+    from nlvid.models.weights import build_with_init
+
+    overrides = list(set_ or [])
+    if layout is not None:
+        overrides.append(f"model.layout={layout}")
+    if frames is not None:
+        overrides.append(f"data.num_frames={frames}")
+    if size is not None:
+        overrides.append(f"data.crop_size={size}")
+    if classes is not None and classes < 1:
+        raise ConfigError(f"--classes {classes}: must be a positive integer")
+    if export is not None and "=" not in export:
+        raise ConfigError(f"--export {export!r}: expected FORMAT=FILE, e.g. pyslowfast=model.pyth")
+    cfg = load_config(model, overrides)
+    net, model_cfg, class_names, report = build_with_init(cfg.model, init, num_classes=classes)
+    cfg.model = model_cfg
+    T, S = cfg.data.num_frames, cfg.data.crop_size
+    summary = summarize(net, (3, T, S, S))  # validates the clip against the strides first (ConfigError)
+    for line in report:
+        err_console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+    if export is not None:
+        try:
+            from nlvid.models.convert import EXPORTERS
+        except ImportError:
+            EXPORTERS = {}
+        fmt, path = export.split("=", 1)
+        if fmt not in EXPORTERS:
+            raise ConfigError(f"--export: unknown format {fmt!r}; allowed: {', '.join(sorted(EXPORTERS)) or 'none'}")
+        for line in EXPORTERS[fmt](net.state_dict(), Path(path)) or []:
+            err_console.print(line, highlight=False, markup=False, soft_wrap=True)
+    if out is not None:
+        names = class_names or [f"class_{i}" for i in range(model_cfg.num_classes)]
+        save_checkpoint(out, model_state=net.state_dict(), config=cfg.to_dict(), classes=names)
+        err_console.print(f"wrote {out} ({model_cfg.name}, {len(names)} classes)", highlight=False, markup=False)
+
+    if json_:
+        payload = {"model": model_cfg.name, "num_classes": model_cfg.num_classes,
+                   "layout": getattr(net, "layout", None), **summary}
+        typer.echo(json.dumps(payload, indent=2))
+    else:
+        for table in _table(model_cfg.name, summary, model_cfg.num_classes):
+            out_console.print(table)
