@@ -1,8 +1,110 @@
-"""`nlvid visualize` (not implemented yet: says so and exits 1)."""
+"""`nlvid visualize CLIP`: where a Non-local block looks, as pictures (PNG/GIF/MP4), a terminal view and JSON."""
 
-from nlvid.cli.common import not_available
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from nlvid.cli.common import JsonOption, err_console, out_console
+from nlvid.cli.predict import CheckpointOption
+from nlvid.errors import ConfigError
 
 
-def visualize() -> None:
-    """Not available yet."""
-    not_available("visualize")
+def parse_query(text: str) -> tuple[int, float, float]:
+    """'T,X,Y' -> (frame index in the clip, x, y in original-frame pixels)."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        return int(parts[0]), float(parts[1]), float(parts[2])
+    except ValueError:
+        raise ConfigError(f"--query {text!r}: expected T,X,Y (frame index in the clip, then pixel x, y in the "
+                          f"original frame), e.g. --query 3,120,80") from None
+
+
+def visualize(
+    clip: Annotated[Path, typer.Argument(help="A video file.", show_default=False)],
+    checkpoint: CheckpointOption = None,
+    block: Annotated[Optional[str], typer.Option("--block", help="NL block, e.g. res3.nl.1; 'all' for every "
+                                                 "block. Default: the first res3 block (the paper's Fig. 3), "
+                                                 "else the first NL block.", show_default=False)] = None,
+    queries: Annotated[int, typer.Option("--queries", "-n", min=1, help="How many queries to choose "
+                                         "automatically (most concentrated attention, spread over frames).")] = 4,
+    query: Annotated[Optional[list[str]], typer.Option("--query", "-q", help="A query T,X,Y: frame index in the "
+                                                       "clip, pixel x, y in the original frame (repeatable; "
+                                                       "replaces the automatic choice).", show_default=False)] = None,
+    topk: Annotated[int, typer.Option("--topk", "-k", min=1, help="Keys per query.")] = 20,
+    frames: Annotated[int, typer.Option("--frames", min=1, help="Frames shown (evenly spaced).")] = 4,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for PNGs, GIFs and hotspots.json.",
+                                                show_default=False)] = None,
+    mp4: Annotated[bool, typer.Option("--mp4", help="Also write an MP4 per query.")] = False,
+    terminal: Annotated[Optional[bool], typer.Option("--terminal/--no-terminal", help="Draw in the terminal "
+                                                     "(default when stdout is a terminal and no --out).",
+                                                     show_default=False)] = None,
+    start: Annotated[Optional[float], typer.Option("--start", help="Clip start in seconds (default: the clip "
+                                                   "centred in the video).", show_default=False)] = None,
+    view: Annotated[str, typer.Option("--view", help="full: the whole frame, short side resized (no crop); "
+                                      "center: the centre crop used by eval/predict.")] = "full",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    json_: JsonOption = False,
+) -> None:
+    """Show where a Non-local block's queries attend: arrows to the top-k keys and heat overlays (PNG per query),
+    an animated GIF (and MP4) over the clip, a summary image and hotspots.json; or a terminal rendering.
+
+    Example: nlvid visualize clip.mp4 --checkpoint runs/tiny/best.pt --out viz/
+    """
+    from nlvid.engine.checkpoint import load_model
+    from nlvid.viz.attention import attend_clip, read_clip_indexed, resolve_blocks
+    from nlvid.viz.predict import pick_device, resolve_checkpoint
+
+    if view not in ("full", "center"):
+        raise ConfigError(f"--view {view!r}: allowed: full, center")
+    placed = [parse_query(q) for q in query] if query else None
+    path = resolve_checkpoint(checkpoint)
+    dev = pick_device(device)
+    model, classes, cfg = load_model(path, device=dev)
+    names = resolve_blocks(model, block)
+    if not clip.exists():
+        raise ConfigError(f"{clip}: file not found")
+    d = cfg.data
+    frames_u8, source, times = read_clip_indexed(clip, num_frames=d.num_frames, stride=d.stride, start=start)
+    result = attend_clip(
+        model, frames_u8, classes=classes, blocks=names, short_side=d.test_short_side, crop_size=d.test_crop_size,
+        mean=d.mean, std=d.std, view=view, num_shown=frames, queries=placed, num_queries=queries, topk=topk,
+        source_frames=source, timestamps=times, device=dev,
+    )
+    report = result.to_json(file=str(clip), checkpoint=str(path))
+    if terminal is None:
+        terminal = out is None and sys.stdout.isatty() and not json_
+    if out is not None:
+        from nlvid.viz.render import write_outputs
+
+        written = write_outputs(result, out, mp4=mp4)
+        for b in report["blocks"]:
+            stem = b["block"].replace(".", "_")
+            for i, q in enumerate(b["queries"], 1):
+                q["png"] = f"{stem}_q{i}.png"
+                q["gif"] = f"{stem}_q{i}.gif"
+                if mp4:
+                    q["mp4"] = f"{stem}_q{i}.mp4"
+            b["summary_png"] = f"{stem}_summary.png"
+        hot = Path(out) / "hotspots.json"
+        hot.write_text(json.dumps(report, indent=2))
+        written.append(hot)
+        if not json_:
+            out_console.print(f"wrote {len(written)} files to {out}/:", highlight=False)
+            for p in written:
+                out_console.print(f"  {p.name}", highlight=False)
+    if terminal:
+        from nlvid.viz.render import terminal_renderable
+
+        out_console.print(terminal_renderable(result, width=out_console.width))
+    if json_ or (out is None and not terminal):
+        if out is None and not json_:
+            err_console.print("no --out and stdout is not a terminal: printing hotspots JSON (use --out DIR for "
+                              "pictures, --terminal to draw here)", highlight=False)
+        typer.echo(json.dumps(report, indent=2))
