@@ -37,6 +37,8 @@ from nlvid.errors import DecodeError
 _REORDER_WINDOW = 4
 # Packets demuxed at open to find the time origin.
 _ORIGIN_PACKETS = 8
+# Codecs whose AVI files may hold packed B-frames (decoded pts out of order, dts in display order).
+_PACKED_B_CODECS = frozenset({"mpeg4", "msmpeg4v1", "msmpeg4v2", "msmpeg4v3", "h263", "h263p"})
 # Default wall-clock limit for one read (seconds).
 DEFAULT_TIMEOUT = 60.0
 
@@ -149,6 +151,14 @@ class _Video:
             raise DecodeError(self.path, "video stream has no packets")
         self.origin_pts = min(first)
         self._at_start = False  # demux moved on; the next decode seeks
+        # Frame timestamps: pts, except for packed-B-frame MPEG-4 Part 2 (DivX/XviD AVI) whose decoded frames
+        # carry the pts of the packet that released them (1, 4, 3, 6, 5, ...) while their dts count up in display
+        # order -- the stamp ffmpeg's best_effort_timestamp falls back to. Checked on the first decoded frames.
+        self.use_dts = False
+        self.time_origin = self.origin_pts
+        monotonic = all(b >= a for a, b in zip(first, first[1:]))
+        if monotonic and (s.codec_context.name or "") in _PACKED_B_CODECS:
+            self._check_packed_bframes()
         # Duration: stream header, else container, else packet scan.
         self.duration = None
         start = s.start_time if s.start_time is not None else self.origin_pts
@@ -160,6 +170,35 @@ class _Video:
         self._scanned = False
         if self.duration is None or self.duration <= 0 or self.fps == 0.0:
             self._packet_scan()
+
+    def _check_packed_bframes(self) -> None:
+        stamps = []
+        try:
+            self._seek_start()
+            for frame in self.container.decode(self.stream):
+                stamps.append((frame.pts, frame.dts))
+                if len(stamps) >= 8:
+                    break
+        except Exception:  # noqa: BLE001 - a broken start is reported by the real decode
+            return
+        pts = [p for p, _ in stamps]
+        dts = [d for _, d in stamps]
+        if None in pts or None in dts:
+            return
+        if any(b < a for a, b in zip(pts, pts[1:])) and all(b > a for a, b in zip(dts, dts[1:])):
+            self.use_dts = True
+            self.time_origin = dts[0]
+
+    def _stamp(self, frame, last: int | None) -> int:
+        """The integer timestamp (stream time base) that orders and times a decoded frame."""
+        if self.use_dts:
+            # the decoder's final (flushed) frame has no dts: it follows the previous one
+            p = frame.dts if frame.dts is not None else (last + 1 if last is not None else frame.pts)
+        else:
+            p = frame.pts if frame.pts is not None else frame.dts
+        if p is None:
+            p = (last + 1) if last is not None else self.time_origin
+        return p
 
     def _packet_scan(self) -> None:
         """Demux-only pass: frame count, end time and rate when the header lacks them (MKV, broken files)."""
@@ -311,16 +350,12 @@ class _Video:
             for packet in self.container.demux(self.stream):
                 for frame in packet.decode():
                     decoded += 1
-                    p = frame.pts
-                    if p is None:
-                        p = frame.dts
-                    if p is None:
-                        p = (last_pts + 1) if last_pts is not None else self.origin_pts
+                    p = self._stamp(frame, last_pts)
                     last_pts = p
                     heapq.heappush(pts_heap, p)
                     fifo.append(frame)
                     while len(fifo) > _REORDER_WINDOW:
-                        t = float((heapq.heappop(pts_heap) - self.origin_pts) * self.tb)
+                        t = float((heapq.heappop(pts_heap) - self.time_origin) * self.tb)
                         f = fifo.pop(0)
                         if first_time is None:
                             first_time = t
@@ -348,7 +383,7 @@ class _Video:
             # End of stream: flush the decoder, then the reordering window.
             try:
                 for frame in self.stream.codec_context.decode(None):
-                    p = frame.pts if frame.pts is not None else (last_pts + 1 if last_pts is not None else 0)
+                    p = self._stamp(frame, last_pts)
                     last_pts = p
                     heapq.heappush(pts_heap, p)
                     fifo.append(frame)
@@ -356,7 +391,7 @@ class _Video:
                 pass
         if not done:
             while fifo:
-                t = float((heapq.heappop(pts_heap) - self.origin_pts) * self.tb)
+                t = float((heapq.heappop(pts_heap) - self.time_origin) * self.tb)
                 f = fifo.pop(0)
                 if first_time is None:
                     first_time = t
@@ -368,6 +403,13 @@ class _Video:
         if not done:
             if cur is None:
                 return out, answered, error or "no frames could be decoded"
+            claimed_end = max(self.duration or 0.0, self.header_frames / self.fps if self.fps else 0.0)
+            if error is None and next_w < n:
+                t_last = float(wanted[order[-1]])
+                if cur[0] + 2 * frame_dur + tol < t_last < claimed_end - tol:
+                    # The stream stops well before the time the header promises: a truncated file.
+                    error = (f"stream ends at {cur[0]:.2f}s but the header says {claimed_end:.2f}s "
+                             f"(truncated or damaged file; wanted t={t_last:.2f}s)")
             if error is None:
                 # Clean end of stream: the remaining times lie after the last frame -> the last frame.
                 process(math.inf, None)
