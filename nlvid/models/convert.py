@@ -763,9 +763,29 @@ def export_pyslowfast(model_state_dict: dict[str, torch.Tensor], path: str | Pat
     from nlvid.engine.checkpoint import atomic_save
 
     path = Path(path)
-    state = to_pyslowfast_names(model_state_dict)
+    sd = dict(model_state_dict)
+    report: list[str] = []
+    blocks = sorted({m[0] for k in sd if (m := _NL_KEY.match(k))})
+    no_bn = []
+    for prefix in blocks:  # e.g. "res3.nl.1."
+        lacking = [c for c in ("theta", "phi", "g", "out") if prefix + c + ".weight" not in sd]
+        if lacking:
+            raise CheckpointError(f"{prefix.rstrip('.')} has no {'/'.join(lacking)}: no PySlowFast equivalent "
+                                  "(PySlowFast's Nonlocal is embedded_gaussian or dot_product with theta/phi/g/out)")
+        if prefix + "bn.weight" not in sd:  # norm="none": PySlowFast always has a BN; write an exact identity BN
+            w = sd[prefix + "out.bias"]
+            sd[prefix + "bn.weight"] = torch.ones_like(w)
+            sd[prefix + "bn.bias"] = torch.zeros_like(w)
+            sd[prefix + "bn.running_mean"] = torch.zeros_like(w)
+            sd[prefix + "bn.running_var"] = torch.full_like(w, 1.0 - BN_EPS)
+            sd[prefix + "bn.num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
+            no_bn.append(prefix.rstrip("."))
+    state = to_pyslowfast_names(sd)
     atomic_save({"model_state": state}, path)
-    report = [f"pyslowfast: wrote {len(state)} tensors to {path}"]
+    report.insert(0, f"pyslowfast: wrote {len(state)} tensors to {path}")
+    if no_bn:
+        report.append(f"{len(no_bn)} NL block(s) without BN written with an identity BN (PySlowFast's Nonlocal "
+                      "always has one): same function")
     if model_cfg is not None:
         differs = []
         if model_cfg.pool_position not in (None, "input"):
