@@ -221,9 +221,20 @@ def _load_cache(root: Path) -> dict[str, Any]:
     return merged
 
 
+def _writable_dir(d: Path) -> bool:
+    """Writable for us AND not marked read-only (root ignores permission bits; we respect a r-x folder such as
+    the shared test-data folder instead of dropping a cache file into it)."""
+    try:
+        return os.access(d, os.W_OK) and bool(d.stat().st_mode & 0o222)
+    except OSError:
+        return False
+
+
 def _save_cache(root: Path, files: dict[str, Any]) -> Path | None:
     payload = json.dumps({"version": _CACHE_VERSION, "files": files}, indent=0, sort_keys=True)
     for p in _cache_paths(root):
+        if p.parent.exists() and not _writable_dir(p.parent):
+            continue
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".nlvid_scan.", suffix=".tmp")
