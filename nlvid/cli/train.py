@@ -94,9 +94,10 @@ def epoch_table(epochs: list[dict[str, Any]]):
     from rich.table import Table
 
     has_val = any("val_top1" in r for r in epochs)
-    t = Table(title="epochs", title_justify="left")
-    for col in ["epoch", "train loss", "train acc"] + (["val top1", "val top5", "val clip", "mean class"]
-                                                        if has_val else []) + ["lr", ""]:
+    t = Table(title="epochs (loss/acc: train; val@1/@5: video top-1/5; clip@1: per view; class: mean class acc)",
+              title_justify="left")
+    # short headers: the table must fit an 80-column log
+    for col in ["epoch", "loss", "acc"] + (["val@1", "val@5", "clip@1", "class"] if has_val else []) + ["lr", ""]:
         t.add_column(col, justify="right")
     for r in epochs:
         row = [str(r["epoch"]), f"{r['train_loss']:.4f}", f"{100 * r['train_acc']:.1f}%"]

@@ -438,17 +438,18 @@ def train(
 
     workers = dc.num_workers
     sums = torch.zeros(4, dtype=torch.float64)
+    # one loader for the whole run (persistent workers); its sampler yields this rank's remaining items of the epoch
+    sampler = _EpochShard(n_items, seed=tc.seed, batch_size=tc.batch_size, world_size=info.world_size,
+                          rank=info.rank)
+    loader = make_loader(train_ds, batch_size=tc.batch_size, shuffle=False, num_workers=workers, seed=tc.seed,
+                         sampler=sampler)
     last_epoch_record: dict[str, Any] = {}
     try:
         for epoch in range(start_epoch, tc.epochs):
-            order = distr.epoch_order(n_items, seed=tc.seed, epoch=epoch, world_size=info.world_size)
-            batches = distr.shard_batches(order, batch_size=tc.batch_size, world_size=info.world_size,
-                                          rank=info.rank)
             first = start_batch if epoch == start_epoch else 0
-            train_ds.set_epoch(epoch)
-            flat = [i for b in batches[first:] for i in b]
-            loader = make_loader(train_ds, batch_size=tc.batch_size, shuffle=False, num_workers=workers,
-                                 seed=tc.seed, sampler=flat)
+            train_ds.set_epoch(epoch)  # the loader's sampler reads it: (index, epoch) pairs reach the workers
+            sampler.skip = first
+            batches = sampler.batches(epoch)
             progress("epoch_start", epoch=epoch, batches=len(batches), first_batch=first, step=step)
             train_model.train()
             # running sums over the epoch (this process); reduced across processes at log points
@@ -592,6 +593,31 @@ def train(
     }
     progress("end", result=result)
     return result
+
+
+class _EpochShard:
+    """Index sampler of one process: epoch e's order (seed, e), this rank's contiguous slices of the global batches
+    (`distributed.shard_batches`), minus the first `skip` batches (resume). `set_epoch` is called by the loader."""
+
+    def __init__(self, n: int, *, seed: int, batch_size: int, world_size: int, rank: int):
+        self.n, self.seed, self.batch_size, self.world_size, self.rank = n, seed, batch_size, world_size, rank
+        self.epoch, self.skip = 0, 0
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        order = distr.epoch_order(self.n, seed=self.seed, epoch=epoch, world_size=self.world_size)
+        return distr.shard_batches(order, batch_size=self.batch_size, world_size=self.world_size, rank=self.rank)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _flat(self) -> list[int]:
+        return [i for b in self.batches(self.epoch)[self.skip:] for i in b]
+
+    def __iter__(self):
+        return iter(self._flat())
+
+    def __len__(self) -> int:
+        return len(self._flat())
 
 
 def _evaluate_split(model, dataset, classes, *, device, amp, batch_size, workers, info, progress):
