@@ -570,6 +570,7 @@ def _finish(sd: dict[str, torch.Tensor], cfg: ModelConfig, report: list[str], pa
     cfg = dataclasses.replace(cfg, **extra)
     _check_against_model(sd, cfg, path)
     classes = kinetics400_classes() if num_classes == 400 else None
+    report.extend(_clip_hint(path))
     opts = ", ".join(f"{k}={getattr(cfg, k)}" for k in ("layout", "stem_pool_padding", "instantiation", "scale",
                                                         "pool_position", "pool_size", "norm")
                      if getattr(cfg, k) is not None)
@@ -577,6 +578,19 @@ def _finish(sd: dict[str, torch.Tensor], cfg: ModelConfig, report: list[str], pa
                   + (" (Kinetics-400 names attached)" if classes else "")
                   + f", NL blocks {placement or 'none'}, {opts}")
     return ImportResult(state_dict=sd, model_cfg=cfg, classes=classes, report=report)
+
+
+_CLIP_SPEC = re.compile(r"(?<![0-9a-z])(8|16|32|64|128)x(1|2|4|8|16)(?![0-9])", re.IGNORECASE)
+
+
+def _clip_hint(path: Path) -> list[str]:
+    """'i3d_nonlocal_32x2_IN_pretrain_400k.pkl' -> how the source sampled clips (frames x stride), for `data.*`."""
+    m = _CLIP_SPEC.search(path.name)
+    if m is None:
+        return []
+    frames, stride = int(m[1]), int(m[2])
+    return [f"the file name says {frames}x{stride} clips: evaluate with --set data.num_frames={frames} "
+            f"--set data.stride={stride} (given to `nlvid build ... --out`, they are stored in the checkpoint)"]
 
 
 def _loaded_line(fmt: str, path: Path, n: int, skipped: list[str], what: str = "") -> str:
