@@ -253,12 +253,16 @@ def test_mmaction2_pth_picks_pool_after_and_no_scale(tmp_path):
     assert _max_diff(_with_options(res.state_dict, cfg, x, scale=True), out) > 1e-4
 
 
-def test_mmaction2_dot_product_from_file_name(tmp_path):
-    ref = _mmaction2_reference(10, instantiation="dot_product")
+@pytest.mark.parametrize("instantiation,name", [
+    ("dot_product", "i3d_imagenet-pretrained-r50-nl-dot-product_8xb8-32x2x1-100e_kinetics400-rgb_20220812-8e1f2148.pth"),
+    ("gaussian", "i3d_nl_gaussian_r50_32x2x1_100e_kinetics400_rgb_20200815-17f84aa2.pth"),  # told by the structure
+])
+def test_mmaction2_other_instantiations(tmp_path, instantiation, name):
+    ref = _mmaction2_reference(10, instantiation=instantiation)
     x = clip(8, 32)
-    path = write_mmaction2_pth(ref, tmp_path / "i3d_imagenet-pretrained-r50-nl-dot-product_8xb8-32x2x1-100e_kinetics400-rgb_20220812-8e1f2148.pth")
+    path = write_mmaction2_pth(ref, tmp_path / name)
     out, cfg, _, _ = _import_and_run("mmaction2", path, ModelConfig(name="i3d_r50_nl5"), x)
-    assert cfg.instantiation == "dot_product"
+    assert cfg.instantiation == instantiation and cfg.scale is False
     assert _max_diff(out, _out(ref, x)) <= TOL
 
 
