@@ -39,6 +39,8 @@ _REORDER_WINDOW = 4
 _ORIGIN_PACKETS = 8
 # Codecs whose AVI files may hold packed B-frames (decoded pts out of order, dts in display order).
 _PACKED_B_CODECS = frozenset({"mpeg4", "msmpeg4v1", "msmpeg4v2", "msmpeg4v3", "h263", "h263p"})
+# Decode every frame within this many frames before a wanted time; skip non-reference frames further away.
+_SKIP_MARGIN_FRAMES = 12
 # Default wall-clock limit for one read (seconds).
 DEFAULT_TIMEOUT = 60.0
 
@@ -104,8 +106,9 @@ def _ffmpeg_msg(e: Exception) -> str:
 class _Video:
     """One open video: stream metadata plus the time origin; `decode_times` does the actual work."""
 
-    def __init__(self, path: str | Path, *, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, path: str | Path, *, timeout: float = DEFAULT_TIMEOUT, skip_nonref: bool = True):
         self.path = Path(path)
+        self.skip_nonref = skip_nonref
         self.timeout = timeout
         self.container, self.stream = _open(self.path)
         try:
@@ -324,6 +327,11 @@ class _Video:
         decoded = 0
         last_pts = None
         error = None
+        cc = self.stream.codec_context
+        can_skip = self.skip_nonref and not self.use_dts
+        skipping = False
+        skip_margin = _SKIP_MARGIN_FRAMES * frame_dur
+        cc.skip_frame = "DEFAULT"
 
         def to_rgb(frame) -> np.ndarray:
             key = id(frame)
@@ -348,6 +356,18 @@ class _Video:
         done = False
         try:
             for packet in self.container.demux(self.stream):
+                if can_skip:
+                    # Far from the next wanted time, skip non-reference frames (nothing is predicted from them,
+                    # so the frames we keep decode bit-identically); decode everything near wanted times.
+                    ps = packet.dts if packet.dts is not None else packet.pts
+                    far = (
+                        ps is not None
+                        and next_w < n
+                        and wanted[order[next_w]] - float((ps - self.time_origin) * self.tb) > skip_margin
+                    )
+                    if far != skipping:
+                        cc.skip_frame = "NONREF" if far else "DEFAULT"
+                        skipping = far
                 for frame in packet.decode():
                     decoded += 1
                     p = self._stamp(frame, last_pts)
@@ -419,6 +439,8 @@ class _Video:
                     out[order[next_w]] = to_rgb(cur[1])
                     answered[order[next_w]] = True
                     next_w += 1
+        if skipping:
+            cc.skip_frame = "DEFAULT"
         self._at_start = False
         return out, answered, error
 
