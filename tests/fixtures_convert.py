@@ -108,8 +108,8 @@ def pyslowfast_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_pyslowfast_pyth(model: nn.Module, path: Path) -> Path:
-    torch.save({"epoch": 196, "model_state": pyslowfast_state(model), "optimizer_state": {"state": {}, "param_groups": []},
-                "cfg": "MODEL:\n  ARCH: i3d\n"}, path)
+    torch.save({"epoch": 196, "model_state": pyslowfast_state(model),
+                "optimizer_state": {"state": {}, "param_groups": []}, "cfg": "MODEL:\n  ARCH: i3d\n"}, path)
     return path
 
 
@@ -271,7 +271,8 @@ def mmaction2_state(model: nn.Module) -> dict[str, torch.Tensor]:
     for s, stage in _stages(model):
         for i, blk in enumerate(stage.blocks):
             pre = f"backbone.layer{s - 1}.{i}"
-            for n, conv, norm in (("conv1", blk.conv1, blk.bn1), ("conv2", blk.conv2, blk.bn2), ("conv3", blk.conv3, blk.bn3)):
+            for n, conv, norm in (("conv1", blk.conv1, blk.bn1), ("conv2", blk.conv2, blk.bn2),
+                                  ("conv3", blk.conv3, blk.bn3)):
                 sd[f"{pre}.{n}.conv.weight"] = _t(conv.weight)
                 bn(f"{pre}.{n}.bn", norm)
             if blk.downsample is not None:

@@ -122,7 +122,8 @@ def test_pyslowfast_pyth_reproduces_outputs(tmp_path):
     path = write_pyslowfast_pyth(ref, tmp_path / "I3D_NLN_8x8_R50.pyth")
     out, cfg, classes, report = _import_and_run("pyslowfast", path, ModelConfig(name="i3d_r50_nl5"), x)
     assert _max_diff(out, _out(ref, x)) <= TOL
-    assert (cfg.pool_position, cfg.scale, cfg.stem_pool_padding, cfg.layout, cfg.norm) == ("input", True, 1, "8x8", "bn")
+    got = (cfg.pool_position, cfg.scale, cfg.stem_pool_padding, cfg.layout, cfg.norm)
+    assert got == ("input", True, 1, "8x8", "bn")
     assert cfg.width == 8 and cfg.nonlocal_blocks == {"res3": [1, 3], "res4": [1, 3, 5]}
     assert classes == kinetics400_classes()
     assert any("mapped 385 tensors" in line for line in report)
@@ -240,7 +241,8 @@ def _mmaction2_reference(seed: int, **kwargs):
 def test_mmaction2_pth_picks_pool_after_and_no_scale(tmp_path):
     ref = _mmaction2_reference(9)
     x = clip(8, 32)
-    path = write_mmaction2_pth(ref, tmp_path / "i3d_nl_embedded_gaussian_r50_32x2x1_100e_kinetics400_rgb_20200813-6e6aef1b.pth")
+    name = "i3d_nl_embedded_gaussian_r50_32x2x1_100e_kinetics400_rgb_20200813-6e6aef1b.pth"
+    path = write_mmaction2_pth(ref, tmp_path / name)
     res = IMPORTERS["mmaction2"](path, ModelConfig(name="i3d_r50_nl5"))
     cfg = res.model_cfg
     assert (cfg.pool_position, cfg.scale, cfg.instantiation, cfg.norm) == ("after", False, "embedded_gaussian", "bn")
@@ -254,7 +256,8 @@ def test_mmaction2_pth_picks_pool_after_and_no_scale(tmp_path):
 
 
 @pytest.mark.parametrize("instantiation,name", [
-    ("dot_product", "i3d_imagenet-pretrained-r50-nl-dot-product_8xb8-32x2x1-100e_kinetics400-rgb_20220812-8e1f2148.pth"),
+    ("dot_product",
+     "i3d_imagenet-pretrained-r50-nl-dot-product_8xb8-32x2x1-100e_kinetics400-rgb_20220812-8e1f2148.pth"),
     ("gaussian", "i3d_nl_gaussian_r50_32x2x1_100e_kinetics400_rgb_20200815-17f84aa2.pth"),  # told by the structure
 ])
 def test_mmaction2_other_instantiations(tmp_path, instantiation, name):

@@ -62,6 +62,7 @@ __all__ = [
     "import_caffe2",
     "import_mmaction2",
     "export_pyslowfast",
+    "to_pyslowfast_names",
     "read_caffe2_pickle",
     "CAFFE2_RULES",
     "PYSLOWFAST_RULES",
@@ -370,7 +371,8 @@ def _state_from_container(obj: Any, keys: tuple[str, ...], path: Path, fmt: str)
                 obj = obj[k]
                 break
     if not isinstance(obj, dict) or not obj:
-        raise CheckpointError(f"{path}: expected a {fmt} state dict (under {' or '.join(keys)}), got {type(obj).__name__}")
+        raise CheckpointError(f"{path}: expected a {fmt} state dict (under {' or '.join(keys)}), "
+                              f"got {type(obj).__name__}")
     out = {}
     for k, v in obj.items():
         k = str(k)
@@ -384,7 +386,6 @@ def _state_from_container(obj: Any, keys: tuple[str, ...], path: Path, fmt: str)
 # Completing the state dict and the config
 # ----------------------------------------------------------------------------------------------------------------
 
-_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 _NL_KEY = re.compile(r"(res[2-5])\.nl\.(\d+)\.")
 _BLOCK_KEY = re.compile(r"(res[2-5])\.blocks\.(\d+)\.")
 
@@ -507,7 +508,8 @@ def _arch_hint(sd: dict[str, torch.Tensor], depths: tuple[int, ...], name: str) 
         want = [kt for stage in temporal_kernels(arch, depths) for kt in stage]
         if spec["stem_kt"] == stem_kt and want == file_kts:
             suffix = re.sub(r"^[a-z0-9]+_r\d+", "", name)
-            return f"the file's temporal kernels are those of {arch}" + (f": use {arch}_r{depth}{suffix}" if depth else "")
+            use = f": use {arch}_r{depth}{suffix}" if depth else ""
+            return f"the file's temporal kernels are those of {arch}{use}"
     return f"the file's temporal kernels (stem {stem_kt}, blocks {file_kts[:4]}...) match no nlvid architecture"
 
 
@@ -723,8 +725,8 @@ def import_mmaction2(path: str | Path, model_cfg: ModelConfig) -> ImportResult:
         else:
             options["instantiation"] = "embedded_gaussian"
             if model_cfg.instantiation is None:
-                report.append("note: embedded_gaussian and dot_product have the same weights; assumed embedded_gaussian "
-                              "(use --set model.instantiation=dot_product for a dot_product file)")
+                report.append("note: embedded_gaussian and dot_product have the same weights; assumed "
+                              "embedded_gaussian (use --set model.instantiation=dot_product for a dot_product file)")
     layout = _mmaction2_layout()
     if layout is not None:
         options["layout"] = layout
