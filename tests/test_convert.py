@@ -15,6 +15,7 @@ import torch
 from fixtures_convert import (
     caffe2_blobs,
     clip,
+    mmaction2_state,
     pyslowfast_state,
     small_model,
     write_caffe2_pkl,
@@ -343,6 +344,15 @@ def test_torch_file_with_code_is_refused_without_running_it(tmp_path, fmt, name,
     with pytest.raises(CheckpointError, match=rf"{name}: refused to unpickle"):
         IMPORTERS[fmt](path, ModelConfig(name="i3d_r50_nl5"))
     assert not target.exists()
+
+
+def test_numpy_data_in_a_torch_file_is_accepted(tmp_path):
+    ref = small_model("c2d_r50", seed=16)
+    path = tmp_path / "with_numpy_meta.pth"
+    torch.save({"meta": {"hook_msgs": {"best_score": np.float64(0.747)}, "mean": np.zeros(3, np.float32)},
+                "state_dict": mmaction2_state(ref)}, path)
+    res = IMPORTERS["mmaction2"](path, ModelConfig(name="c2d_r50"))
+    _assert_same_state(res.state_dict, ref)
 
 
 def test_missing_file_and_unknown_preset(tmp_path):

@@ -287,14 +287,30 @@ def _first_line(e: BaseException) -> str:
     return (lines[0] if lines else e.__class__.__name__)[:240]
 
 
+def _numpy_data_globals() -> list[Any]:
+    """numpy array/scalar reconstruction for torch's weights_only unpickler (data only; e.g. MMAction2's `meta`
+    may hold numpy scalars), under both the numpy 2 (`numpy._core`) and numpy 1 (`numpy.core`) names."""
+    core = getattr(np, "_core", None) or np.core
+    dtypes = {type(np.dtype(t)) for t in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "b1")}
+    return [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype, *sorted(dtypes, key=str),
+            (core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+            (core.multiarray.scalar, "numpy.core.multiarray.scalar")]
+
+
 def _torch_load(path: Path, fmt: str) -> Any:
     _require_file(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if "numpy" not in str(e) or not hasattr(torch.serialization, "safe_globals"):
+                raise
+            with torch.serialization.safe_globals(_numpy_data_globals()):  # still weights_only: data, no code
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: refused to unpickle ({_first_line(e)}); nlvid reads {fmt} checkpoints with "
-            "torch.load(weights_only=True), which allows tensors and plain containers only"
+            "torch.load(weights_only=True), which allows tensors, numpy data and plain containers only"
         ) from None
     except Exception as e:  # truncated zip, not a torch file, ...
         raise CheckpointError(f"{path}: not a readable {fmt} checkpoint: {_first_line(e)}") from None
