@@ -314,3 +314,22 @@ def test_trained_attention_links_the_two_objects(tmp_path):
 
 
 LOCALISATION_BOUND = 1.5
+
+
+def test_center_view_maps_through_the_crop_box():
+    """--view center: the model sees test_views' centre crop; cells map back inside that box of the frame."""
+    from nlvid.data import test_views
+    from nlvid.models import create_model
+
+    torch.manual_seed(0)
+    m = create_model("tiny", num_classes=2).eval()
+    frames = _synthetic_frames(H=48, W=96)
+    _, boxes = test_views(frames, short_side=48, crop_size=48, num_crops=1, mean=[0.45] * 3, std=[0.225] * 3)
+    res = A.attend_clip(m, frames, classes=["a", "b"], blocks=A.resolve_blocks(m, None), short_side=48,
+                        crop_size=48, view="center", mean=[0.45] * 3, std=[0.225] * 3, topk=4, num_queries=2)
+    (b,) = res.blocks
+    x0, y0, x1, y1 = boxes[0]
+    assert b.grid.box == pytest.approx(boxes[0]) and (x0, x1) == pytest.approx((24, 72))
+    assert b.grid.query_box((0, 0, 0))[:2] == pytest.approx((x0, y0))
+    for q in b.queries:
+        assert x0 <= q.x <= x1 and all(x0 <= k.x <= x1 for k in q.keys)
