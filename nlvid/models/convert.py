@@ -752,6 +752,9 @@ def import_mmaction2(path: str | Path, model_cfg: ModelConfig) -> ImportResult:
                       "2x3x3 (max over frame pairs): the weights load exactly but logits differ slightly from "
                       "MMAction2's")
     forced.append("layout")
+    report.append("note: MMAction2 normalises with the ImageNet mean/std: evaluate with --set "
+                  "data.mean=[0.485,0.456,0.406] --set data.std=[0.229,0.224,0.225] (nlvid's default is 0.45/0.225, "
+                  "the Caffe2/PySlowFast values)")
     return _finish(sd, model_cfg, report, path, options=options, forced=forced)
 
 
