@@ -140,7 +140,7 @@ def test_eval_refuses_other_classes(trained_run, synthetic_data, tmp_path):
     import shutil
 
     data = tmp_path / "other"
-    src = next((synthetic_data / "val").iterdir())
+    src = sorted(p for p in (synthetic_data / "val").iterdir() if p.is_dir())[0]
     shutil.copytree(src, data / "not_a_class_of_the_checkpoint")
     r = _nlvid("eval", trained_run / "best.pt", data)
     assert r.returncode == 1

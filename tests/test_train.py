@@ -36,9 +36,12 @@ from nlvid.errors import ConfigError, TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# small and fast: 8 frames of 48 px, 2 test views
-FAST = ["data.crop_size=48", "data.train_short_side=[48,56]", "data.test_short_side=48", "data.test_crop_size=48",
+# small and fast: 8 frames of 32 px (the synthetic clips are 64 px), 2 test views
+FAST = ["data.crop_size=32", "data.train_short_side=[32,36]", "data.test_short_side=32", "data.test_crop_size=32",
         "data.num_clips=2", "data.num_crops=1", "data.num_workers=0", "train.log_every=1"]
+# fit 12 clips quickly (no augmentation noise, AdamW): the loss must clearly go down in 16 steps
+FIT = ["train.epochs=8", "train.batch_size=6", "model.dropout=0.0", "optim.optimizer=adamw", "optim.lr=0.003",
+       "optim.weight_decay=0.0", "data.flip=false", "data.train_short_side=[32,32]", "optim.warmup_epochs=0.5"]
 
 
 # Both fixtures live at fixed places under the session's base temp folder with a "done" marker, so that the
@@ -49,7 +52,7 @@ def synthetic_data(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.getbasetemp() / "engine_synth"
     if not (root / ".done").exists():
-        write_synthetic(root, classes=4, clips_per_class=8, seed=0)
+        write_synthetic(root, classes=4, clips_per_class=4, seed=0)  # 12 train + 4 val clips
         (root / ".done").write_text("")
     return root
 
@@ -59,7 +62,7 @@ def trained_run(tmp_path_factory, synthetic_data) -> Path:
     """A tiny NL model trained for a few epochs (the checkpoint other tests evaluate)."""
     out = tmp_path_factory.getbasetemp() / "engine_run"
     if not (out / ".done").exists():
-        cfg = load_config("tiny", FAST + ["train.epochs=4", "train.batch_size=4", "optim.lr=0.05"])
+        cfg = load_config("tiny", FAST + FIT)
         train(cfg, data=synthetic_data, out=out, progress=None)
         (out / ".done").write_text("")
     return out
@@ -169,17 +172,18 @@ def test_run_folder_and_loss_goes_down(trained_run):
     recs = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if r["kind"] == "step"]
     epochs = [r for r in recs if r["kind"] == "epoch"]
-    assert len(epochs) == 4
+    assert len(epochs) == 8
     for key in ("loss", "acc", "lr", "clips_per_s", "data_time", "grad_norm"):
         assert key in steps[0]
     assert "val_top1" in epochs[-1]
     first = np.mean([r["loss"] for r in steps[:3]])
     last = np.mean([r["loss"] for r in steps[-3:]])
-    assert last < first - 0.05, (first, last)
+    assert last < 0.75 * first, (first, last)
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
     ck = load_checkpoint(trained_run / "last.pt")
     for key in ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "config", "classes", "version"):
         assert key in ck
-    assert ck["epoch"] == 4 and ck["batches_done"] == 0
+    assert ck["epoch"] == 8 and ck["batches_done"] == 0
     assert ck["classes"] == (trained_run / "classes.txt").read_text().split()
     best = load_checkpoint(trained_run / "best.pt")
     assert best["best"]["metric"] == "val_top1"
@@ -191,16 +195,22 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_data, tmp_p
                                       "optim.warmup_epochs=0"])
     calls = []
 
-    def poison(model, loss, step):  # after 2 good steps, the weights go bad -> the next loss is NaN
+    def poison(model, loss, step):  # during step 2 the weights go bad (as a huge update would make them)
         calls.append(step)
-        if step == 2:
+        if step == 1:
             with torch.no_grad():
                 model.head.fc.weight.fill_(float("nan"))
 
-    with pytest.raises(TrainingError, match=r"at step 3 .*last good checkpoint"):
+    # the broken state of step 2 is never saved: caught before its checkpoint
+    with pytest.raises(TrainingError, match=r"not finite at step 2 .*last good checkpoint: .*last.pt"):
         train(cfg, data=synthetic_data, out=out, progress=None, hooks={"after_backward": poison})
     ck = load_checkpoint(out / "last.pt")
-    assert ck["step"] == 2
+    assert ck["step"] == 1
+    # without a checkpoint in between, the NaN loss of the next step stops the run
+    cfg.train.save_every = 0
+    with pytest.raises(TrainingError, match=r"loss is nan at step 3 .*last good checkpoint: none yet"):
+        train(cfg, data=synthetic_data, out=tmp_path / "run2", progress=None, hooks={"after_backward": poison})
+    assert not (tmp_path / "run2" / "last.pt").exists()
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 
@@ -209,7 +219,7 @@ def test_cli_exit_codes(synthetic_data, tmp_path):
     assert r.returncode == 2 and "optim.nope" in r.stderr
     r = _nlvid("train", tmp_path / "does_not_exist", "--config", "tiny", "--out", tmp_path / "b")
     assert r.returncode == 1 and "does_not_exist" in r.stderr
-    r = _nlvid("train", synthetic_data, "--config", "tiny", "--set", "optim.lr=1e10", "--set", "train.epochs=1",
+    r = _nlvid("train", synthetic_data, "--config", "tiny", "--set", "optim.lr=1.0e+10", "--set", "train.epochs=4",
                "--set", "optim.warmup_epochs=0", *sum((["--set", s] for s in FAST), []), "--out", tmp_path / "c")
     assert r.returncode == 1 and "stopped without saving" in r.stderr, r.stderr[-2000:]
 

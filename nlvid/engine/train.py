@@ -419,6 +419,15 @@ def train(
             metrics_path.write_text("")
     distr.barrier(info)
 
+    def check_finite(where: str) -> None:
+        # a finite loss can still be followed by an update that breaks the weights: never save those
+        bad = [n for n, p in _unwrap(core).named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingError(
+                f"weights are not finite at step {step} ({where}; e.g. {', '.join(bad[:3])}); stopped without "
+                f"saving; last good checkpoint: {last_path if last_path.exists() else 'none yet'} "
+                f"(try a lower optim.lr or optim.clip_grad_norm)")
+
     def save(path: Path, *, epoch: int, batches_done: int, full: bool = True, metrics: dict | None = None):
         if not main:
             return
@@ -529,11 +538,13 @@ def train(
                     progress("step", record={"epoch": epoch + 1, "step": step, "batch": done_batches,
                                              "batches": nb, "loss": loss.item(), "lr": lr}, log=False)
                 if tc.save_every > 0 and step % tc.save_every == 0 and not end_of_epoch:
+                    check_finite(f"epoch {epoch + 1}, batch {done_batches}")
                     save(last_path, epoch=epoch, batches_done=done_batches)
                     progress("checkpoint", path=str(last_path), step=step)
                 t_end = time.perf_counter()
 
             # -------- end of epoch: precise BN, evaluation, checkpoints
+            check_finite(f"end of epoch {epoch + 1}")
             tot = distr.all_reduce_sum(sums.clone(), info)
             train_loss = tot[0].item() / max(tot[2].item(), 1)
             train_acc = tot[1].item() / max(tot[2].item(), 1)
