@@ -159,8 +159,8 @@ def test_choose_queries_spreads_over_frames_and_suppresses_neighbours():
     assert (1, 4, 4) in q and (2, 0, 0) in q  # round robin over temporal cells
     assert (0, 7, 7) in q  # second pick in frame 0 comes from outside the suppressed blob
     assert sum(1 for c in q if c[0] == 0 and 2 <= c[1] <= 4 and 2 <= c[2] <= 4) == 1
-    assert A.choose_queries(s, 2, allowed_t=[2]) == [(2, 0, 0), (2, 0, 4)] or A.choose_queries(
-        s, 2, allowed_t=[2])[0] == (2, 0, 0)
+    # only frame 2 allowed; default radius max(1, round(8 / 4)) = 2 suppresses rows/cols 0..2 around (0, 0)
+    assert A.choose_queries(s, 2, allowed_t=[2]) == [(2, 0, 0), (2, 0, 3)]
 
 
 def test_block_resolution_and_errors():
@@ -294,12 +294,15 @@ def test_cli_visualize_errors(shared_videos, tiny_ckpt, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_trained_attention_links_the_two_objects(tmp_path):
-    """Tiny NL model trained on the synthetic long-range data: a query on one decisive object puts its top-k keys
-    on the other object well above chance (numbers in the report; bound chosen below the measured ratio)."""
+    """Tiny NL model trained on the synthetic long-range data (40 clips/class, the tiny config's 12 epochs): a query
+    on one decisive object puts its top-10 keys on the other object well above chance, and more than the same
+    model does at initialisation (random theta/phi already favour similar-looking bright objects a little).
+    Measured (2 CPU threads): trained ratio 2.22 (hit 0.048 vs chance 0.022), untrained 1.58; bounds with margin."""
     from nlvid.config import load_config
     from nlvid.data import write_synthetic
     from nlvid.engine.checkpoint import load_model
     from nlvid.engine.train import train
+    from nlvid.models import create_model
 
     root = tmp_path / "synth"
     write_synthetic(root, classes=4, clips_per_class=40, seed=0)
@@ -307,13 +310,14 @@ def test_trained_attention_links_the_two_objects(tmp_path):
     res = train(cfg, data=root, out=tmp_path / "run", progress=None)
     model, _, cfg = load_model(res["best_path"])
     d = cfg.data
-    s = A.localization_score(model, root, num_frames=d.num_frames, stride=d.stride, short_side=d.test_short_side,
-                             mean=d.mean, std=d.std, topk=10)
-    assert s["num_queries"] > 50
-    assert s["ratio"] > LOCALISATION_BOUND, s
-
-
-LOCALISATION_BOUND = 1.5
+    kw = dict(num_frames=d.num_frames, stride=d.stride, short_side=d.test_short_side, mean=d.mean, std=d.std,
+              topk=10)
+    s = A.localization_score(model, root, **kw)
+    torch.manual_seed(0)
+    s0 = A.localization_score(create_model("tiny", num_classes=4), root, **kw)
+    assert s["num_queries"] > 200 and s["chance_rate"] == pytest.approx(s0["chance_rate"])
+    assert s["ratio"] > 1.8, (s, s0)
+    assert s["hit_rate"] > 1.15 * s0["hit_rate"], (s, s0)
 
 
 def test_center_view_maps_through_the_crop_box():

@@ -120,7 +120,9 @@ def _decode_one(
         return _Decoded(index, None, [], [], f"{e.__class__.__name__}: {e}")
 
 
-def _decoded_in_order(paths: Sequence[Path], decode: Callable[[int, Path], _Decoded], workers: int) -> Iterator[_Decoded]:
+def _decoded_in_order(
+    paths: Sequence[Path], decode: Callable[[int, Path], _Decoded], workers: int
+) -> Iterator[_Decoded]:
     """Decode ahead with a thread pool, at most 2 * workers files in flight; yields in input order."""
     if workers <= 0:
         for i, p in enumerate(paths):

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from nlvid.viz.attention import BlockAttention, ClipAttention, GridMap, QueryAttention
+from nlvid.viz.attention import BlockAttention, ClipAttention, GridMap
 
 DISPLAY_MIN = 256
 DISPLAY_MAX = 360
