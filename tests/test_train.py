@@ -267,3 +267,45 @@ def test_resume_after_sigkill_is_exact(synthetic_data, tmp_path):
     rb = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in ra] == [r["step"] for r in rb]
     assert [r.get("loss", r.get("train_loss")) for r in ra] == [r.get("loss", r.get("train_loss")) for r in rb]
+
+
+def test_options_run_together_init_bf16_precise_bn_step_schedule(trained_run, synthetic_data, tmp_path):
+    """Fine-tune from a checkpoint (--init nlvid=...) with bf16 autocast, precise BN, step decay, label smoothing,
+    gradient clipping and accumulation, no validation split (best.pt by train accuracy)."""
+    cfg = load_config("tiny", FAST + ["train.epochs=1", "train.batch_size=3", "train.accum_steps=2", "train.amp=bf16",
+                                      "train.precise_bn_batches=2", "optim.schedule=step", "optim.label_smoothing=0.1",
+                                      "optim.clip_grad_norm=1.0", "optim.warmup_epochs=0"])
+    messages = []
+    res = train(cfg, data=synthetic_data / "train", out=tmp_path / "ft", init=f"nlvid={trained_run / 'best.pt'}",
+                progress=lambda ev, **d: messages.append((ev, d)))
+    assert res["best_metric"] == "train_acc" and res["steps"] == 2  # 12 clips / 3 = 4 batches = 2 steps
+    assert any(ev == "message" and "precise BN" in d["text"] for ev, d in messages)
+    start = next(d for ev, d in messages if ev == "start")
+    assert start["init"] and start["metric"] == "train_acc"
+    rec = json.loads((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()[0])
+    assert rec["grad_norm"] > 0 and math.isfinite(rec["loss"])
+
+
+def test_reporters_render_progress_and_tables():
+    import io
+
+    from rich.console import Console
+
+    from nlvid.cli.train import LineReporter, RichReporter
+
+    for cls, tty in ((LineReporter, False), (RichReporter, True)):
+        buf = io.StringIO()
+        rep = cls(Console(file=buf, force_terminal=tty, width=100))
+        rep("start", run_dir="r", resumed=True, start_epoch=0, start_batch=2, step=2, epochs=1, steps_per_epoch=4,
+            batches_per_epoch=4, total_steps=4, num_train=16, num_val=0, device="cpu", world_size=1, global_batch=4,
+            metric="train_acc", classes=["a", "b"], init=[], model="tiny")
+        rep("epoch_start", epoch=0, batches=4, first_batch=2, step=2)
+        rec = {"kind": "step", "epoch": 1, "step": 4, "batch": 4, "batches": 4, "loss": 0.5, "acc": 0.75,
+               "lr": 0.01, "clips_per_s": 10.0, "data_fraction": 0.1}
+        rep("step", record=rec, log=True)
+        rep("epoch", record={"epoch": 1, "step": 4, "train_loss": 0.5, "train_acc": 0.75, "lr": 0.0, "best": 0.75,
+                             "is_best": True}, metric="train_acc")
+        rep("end", result={})
+        text = buf.getvalue()
+        assert "resuming r from epoch 1, batch 2" in text and "TRAIN accuracy" in text
+        assert "75.0%" in text
