@@ -79,6 +79,7 @@ def test_rotation_portrait(shared_videos):
     assert (info.width, info.height) == (320, 568)  # stored 568x320, displayed portrait
     clip = read_clip(path, num_frames=4, stride=1)
     assert clip.shape == (4, 568, 320, 3)
+    assert read_clip(path, num_frames=2, stride=1, short_side=160).shape == (2, 284, 160, 3)  # resize after turn
 
 
 def test_mkv_without_frame_count(shared_videos):

@@ -1,9 +1,9 @@
 """A small real-video dataset whose labels need long-range reasoning in space AND time.
 
 Each clip (H.264 MP4, yuv420p, 64x64, 16 frames at 8 fps) shows:
-- object A (a coloured square, disc or triangle) in the FIRST frames (0 .. 3-5) on one side (left or right half),
-  drifting slightly; it then disappears;
-- object B in the LAST frames (10-12 .. 15) on the OTHER side;
+- object A (a coloured filled square, ring or cross, 16-20 px) in the FIRST frames (0 .. 5-6) on one side (left
+  or right half), drifting slightly; it then disappears;
+- object B in the LAST frames (9-10 .. 15) on the OTHER side;
 - a grey distractor shape crossing the frame in the middle frames, a random dark background with static texture,
   and per-frame pixel noise.
 
@@ -36,7 +36,7 @@ from nlvid.errors import ConfigError
 SIZE = 64
 NUM_FRAMES = 16
 FPS = 8
-SHAPES = ("square", "disc", "triangle")
+SHAPES = ("square", "ring", "cross")
 HUES = ("red", "green", "blue")
 _RGB = {"red": (225, 45, 40), "green": (40, 205, 60), "blue": (55, 90, 235)}
 _COLOUR_RELATIONS = {2: ("any",), 4: ("same", "diff"), 6: ("same", "next", "prev")}
@@ -62,10 +62,12 @@ def _mask(shape: str, size: int) -> np.ndarray:
         m[:1] = m[-1:] = False
         m[:, :1] = m[:, -1:] = False
         return m
-    if shape == "disc":
-        return (yy - c) ** 2 + (xx - c) ** 2 <= (size / 2 - 0.5) ** 2
-    if shape == "triangle":  # apex up
-        return (yy >= 1) & (np.abs(xx - c) <= (yy - 1) * 0.5 * (size - 1) / (size - 2)) & (yy <= size - 1)
+    if shape == "ring":  # a hollow circle, about a quarter of the size thick
+        r2 = (yy - c) ** 2 + (xx - c) ** 2
+        return (r2 <= (size / 2 - 0.5) ** 2) & (r2 >= (size / 4) ** 2)
+    if shape == "cross":  # a plus sign, arms a third of the size thick
+        arm = size / 6
+        return (np.abs(yy - c) <= arm) | (np.abs(xx - c) <= arm)
     raise ValueError(shape)
 
 
@@ -98,22 +100,22 @@ def _clip(rng: np.random.Generator, label: int, classes: int):
 
     # Background: dark colour + static texture; per-frame noise added at the end.
     base = rng.integers(15, 55, size=3)
-    texture = rng.integers(-10, 11, size=(SIZE, SIZE, 1)) + rng.integers(-4, 5, size=(SIZE, SIZE, 3))
+    texture = rng.integers(-8, 9, size=(SIZE, SIZE, 1)) + rng.integers(-3, 4, size=(SIZE, SIZE, 3))
     background = np.clip(base + texture, 0, 255)
     frames = np.repeat(background[None].astype(np.int16), NUM_FRAMES, axis=0)
 
     a_left = bool(rng.integers(2))
     objects = []
     specs = [
-        (SHAPES[sa], HUES[ca], 0, int(rng.integers(3, 6)), a_left),
-        (SHAPES[sb], HUES[cb], int(rng.integers(10, 13)), NUM_FRAMES - 1, not a_left),
+        (SHAPES[sa], HUES[ca], 0, int(rng.integers(5, 7)), a_left),
+        (SHAPES[sb], HUES[cb], int(rng.integers(9, 11)), NUM_FRAMES - 1, not a_left),
     ]
     for shape, hue, t0, t1, left in specs:
-        size = int(rng.integers(12, 17))
-        cx = rng.uniform(4, SIZE / 2 - size - 2) if left else rng.uniform(SIZE / 2 + 2, SIZE - size - 4)
-        cy = rng.uniform(3, SIZE - size - 3)
-        vx, vy = rng.uniform(-0.6, 0.6, size=2)
-        rgb = (np.array(_RGB[hue]) * rng.uniform(0.8, 1.0)).astype(np.int16)
+        size = int(rng.integers(16, 21))
+        cx = rng.uniform(1, SIZE / 2 - size - 1) if left else rng.uniform(SIZE / 2 + 1, SIZE - size - 1)
+        cy = rng.uniform(1, SIZE - size - 1)
+        vx, vy = rng.uniform(-0.5, 0.5, size=2)
+        rgb = (np.array(_RGB[hue]) * rng.uniform(0.9, 1.0)).astype(np.int16)
         mask = _mask(shape, size)
         xs, ys = [], []
         for t in range(t0, t1 + 1):
@@ -139,7 +141,7 @@ def _clip(rng: np.random.Generator, label: int, classes: int):
         f = (t - d_t0) / max(1, d_t1 - d_t0)
         _paste(frames[t], d_mask, int(round(x_from + (x_to - x_from) * f)), int(dy), (grey, grey, grey))
 
-    frames += rng.integers(-6, 7, size=frames.shape, dtype=np.int16)
+    frames += rng.integers(-4, 5, size=frames.shape, dtype=np.int16)
     return np.clip(frames, 0, 255).astype(np.uint8), objects
 
 
