@@ -2,6 +2,7 @@
 
     /work/benchvenv/bin/python benchmarks/bench_c2d.py            # (1, 3, 8, 224, 224), 10 timed runs
     /work/benchvenv/bin/python benchmarks/bench_c2d.py --quick    # 3 timed runs
+    /work/benchvenv/bin/python benchmarks/bench_c2d.py --ablation # + nlvid with plain Conv3d/BN3d forwards
 
 Prints a markdown table: clips/s, ratio, multiply-adds of both (FlopCounterMode; FLOPs / 2), achieved GFLOP/s and
 the GFLOP/s of a large fp32 matmul measured in the same run (this machine's ceiling).
@@ -15,6 +16,7 @@ import time
 import warnings
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -46,6 +48,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="3 timed runs instead of 10")
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--ablation", action="store_true", help="also time nlvid with plain Conv3d/BN3d forwards")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     args = ap.parse_args()
     if args.threads:
@@ -62,16 +65,30 @@ def main() -> None:
     ours = create_model("c2d_r50", nonlocal_blocks={}, layout="8x8").eval()
     x = torch.randn(1, 3, args.frames, args.size, args.size)
 
+    import nlvid.models.resnet3d as r3d
+
+    def plain(m: torch.nn.Module):
+        """Ablation: the same nlvid model with the plain Conv3d / BatchNorm3d forwards on a contiguous clip."""
+        def run(inp):
+            fc, fb = r3d.FrameConv3d.forward, r3d.FrameBatchNorm3d.forward
+            r3d.FrameConv3d.forward, r3d.FrameBatchNorm3d.forward = nn.Conv3d.forward, nn.BatchNorm3d.forward
+            try:
+                return m(inp)
+            finally:
+                r3d.FrameConv3d.forward, r3d.FrameBatchNorm3d.forward = fc, fb
+        return run
+
+    models = [("pytorchvideo c2d_r50", ref), ("nlvid c2d_r50 (8x8)", ours)]
+    if args.ablation:
+        models.append(("nlvid, plain Conv3d/BN3d forwards (ablation)", plain(ours)))
     with torch.no_grad():
         rows = []
-        for name, model in (("pytorchvideo c2d_r50", ref), ("nlvid c2d_r50 (8x8)", ours)):
+        for name, model in models:
             macs = _macs(model, x)
             sec = _time(lambda m=model: m(x), runs, warmup)
             rows.append((name, sec, macs))
-        # interleave a second pass so drift on a shared machine hits both
-        rows2 = []
-        for name, model in (("pytorchvideo c2d_r50", ref), ("nlvid c2d_r50 (8x8)", ours)):
-            rows2.append(_time(lambda m=model: m(x), runs, 0))
+        # interleave a second pass so drift on a shared machine hits every model
+        rows2 = [_time(lambda m=model: m(x), runs, 0) for _, model in models]
     rows = [(n, min(s, s2), m) for (n, s, m), s2 in zip(rows, rows2)]
     mm = _matmul_gflops(2048, 5 if args.quick else 10)
 

@@ -47,7 +47,8 @@ def test_json_fields(capsys):
     assert d["input"] == [3, 8, 112, 112]
     assert [n["name"] for n in d["nonlocal"]] == ["res3.nl.1", "res3.nl.3", "res4.nl.1", "res4.nl.3", "res4.nl.5"]
     n = d["nonlocal"][0]
-    assert n["queries"] == 4 * 14 * 14 and n["keys"] == 4 * 7 * 7 and n["attention_bytes"] == n["queries"] * n["keys"] * 4
+    assert n["queries"] == 4 * 14 * 14 and n["keys"] == 4 * 7 * 7
+    assert n["attention_bytes"] == n["queries"] * n["keys"] * 4
     assert {s["name"]: s["output"] for s in d["stages"]}["res5"] == [2048, 4, 4, 4]
 
 
@@ -94,6 +95,15 @@ def test_init_imagenet_and_export(capsys, tmp_path):
     code, _, err = run(capsys, "build", "c2d_r50_nl5", "--size", "64", "--export", f"{fmt}={dest}", "--json")
     assert code == 0, err
     assert dest.exists() and dest.stat().st_size > 0
+    if fmt in convert.IMPORTERS:  # round trip through build_with_init's importer path
+        back = tmp_path / "back.pt"
+        code, _, err = run(capsys, "build", "c2d_r50_nl5", "--size", "64", "--init", f"{fmt}={dest}", "--json",
+                           "--classes", "3", "--out", back)
+        assert code == 0, err
+        assert "classifier re-initialised: the weights have 400 classes, 3 requested" in " ".join(err.split())
+        model, classes, cfg = load_model(back)
+        assert model.head.fc.out_features == 3 and classes == ["class_0", "class_1", "class_2"]
+        assert cfg.model.nonlocal_blocks == {"res3": [1, 3], "res4": [1, 3, 5]}
 
 
 @pytest.mark.parametrize("args,needle", [

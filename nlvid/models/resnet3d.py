@@ -119,7 +119,8 @@ class FrameConv3d(nn.Conv3d):
         return y.reshape(B, T, *y.shape[1:]).transpose(1, 2)
 
 
-def _conv(dim_in: int, dim_out: int, kernel: tuple[int, int, int], stride: tuple[int, int, int] = (1, 1, 1)) -> nn.Conv3d:
+def _conv(dim_in: int, dim_out: int, kernel: tuple[int, int, int],
+          stride: tuple[int, int, int] = (1, 1, 1)) -> nn.Conv3d:
     padding = tuple(k // 2 for k in kernel)
     return FrameConv3d(dim_in, dim_out, kernel, stride=stride, padding=padding, bias=False)
 
