@@ -25,8 +25,8 @@ TINY_NL = {"res3": [0], "res4": [0]}
 
 # name -> (group, --set overrides relative to the tiny config)
 ROWS: dict[str, tuple[str, list[str]]] = {
-    "C2D baseline (no NL)": ("a", ["model.nonlocal_blocks={}"]),
     "NL C2D, 2 blocks (emb. gaussian, spacetime)": ("a", []),
+    "C2D baseline (no NL)": ("a", ["model.nonlocal_blocks={}"]),
     "gaussian": ("b", ["model.instantiation=gaussian"]),
     "embedded gaussian": ("b", ["model.instantiation=embedded_gaussian"]),
     "dot product": ("b", ["model.instantiation=dot_product"]),
@@ -78,13 +78,11 @@ def main() -> None:
         for line in results_path.read_text().splitlines():
             r = json.loads(line)
             done[(r["row"], r["seed"], tuple(r["sets"]), r["data"])] = r
-    plan = []
-    for name, (group, overrides) in ROWS.items():
-        if group not in args.groups:
-            continue
-        seeds = args.seeds if group == "a" else args.extra_seeds
-        for seed in range(seeds):
-            plan.append((name, group, overrides, seed))
+    plan = []  # seed-major, so that an interrupted run still has comparable rows
+    for seed in range(max(args.seeds, args.extra_seeds)):
+        for name, (group, overrides) in ROWS.items():
+            if group in args.groups and seed < (args.seeds if group == "a" else args.extra_seeds):
+                plan.append((name, group, overrides, seed))
     t_all = time.perf_counter()
     cache: dict[tuple, dict] = {}
     for i, (name, group, overrides, seed) in enumerate(plan, 1):

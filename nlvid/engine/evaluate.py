@@ -299,7 +299,8 @@ def render_confusion_png(cm: np.ndarray | list, classes: Sequence[str], path: st
     strip = Image.new("RGB", (label_w + 10, k * cell if k else 1), "white")
     sd = ImageDraw.Draw(strip)
     for j in range(k):
-        sd.text((4, (k - 1 - j) * cell + cell / 2 - fsize / 2), names[j], fill="black", font=font)
+        # rotate(90) is counter-clockwise: strip y becomes image x, so class j sits at y = j * cell
+        sd.text((4, j * cell + cell / 2 - fsize / 2), names[j], fill="black", font=font)
     img.paste(strip.rotate(90, expand=True), (left, top - label_w - 10))
     d.text((left, top + k * cell + 8), "predicted ->", fill="gray", font=small)
     path = Path(path)
