@@ -82,7 +82,9 @@ def build(
 
       nlvid build c2d_r101 --layout 32x2 --frames 32 --json
 
-      nlvid build i3d_r50_nl5 --init pyslowfast=I3D_NLN_8x8_R50.pkl --out i3d_nl5.pt
+      nlvid build i3d_r50_nl5 --init caffe2=i3d_nonlocal_8x8_r50.pkl --out i3d_nl5.pt
+
+      nlvid build c2d_r50_nl5 --init imagenet=resnet50.pth --classes 10 --out c2d.pt
     """
     from nlvid.config import load_config
     from nlvid.engine.checkpoint import save_checkpoint
