@@ -87,7 +87,6 @@ def main() -> None:
     cache: dict[tuple, dict] = {}
     for i, (name, group, overrides, seed) in enumerate(plan, 1):
         key_sets = tuple(sorted(overrides)) + tuple(args.sets)
-        key = (name, seed, list(key_sets), str(data))
         # identical configurations in several groups (e.g. the default NL row) are trained once
         ident = (key_sets, seed)
         hit = done.get((name, seed, key_sets, str(data)))
@@ -105,7 +104,6 @@ def main() -> None:
                   f"({r['seconds']:.0f} s)", file=sys.stderr, flush=True)
         cache[ident] = hit
         done[(name, seed, key_sets, str(data))] = hit
-        del key
 
     # ---- table
     print(f"\nSmall Table 2: tiny C2D backbone, synthetic long-range data ({args.classes} classes, "

@@ -105,7 +105,8 @@ def test_sharding_gives_the_global_batches_of_one_process():
 
 
 def test_no_weight_decay_on_bn_and_bias():
-    m = torch.nn.Sequential(torch.nn.Conv3d(3, 4, 1), torch.nn.BatchNorm3d(4), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    nn = torch.nn
+    m = nn.Sequential(nn.Conv3d(3, 4, 1), nn.BatchNorm3d(4), nn.Flatten(), nn.Linear(4, 2))
     decay, no_decay = param_groups(m, 1e-4)
     assert {id(p) for p in decay["params"]} == {id(m[0].weight), id(m[3].weight)}
     assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0

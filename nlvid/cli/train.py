@@ -49,11 +49,12 @@ class LineReporter:
         if d["resumed"]:
             self.print(f"resuming {d['run_dir']} from epoch {d['start_epoch'] + 1}, batch {d['start_batch']} "
                        f"(step {d['step']} of {d['total_steps']})")
+        chosen = "validation video top-1" if d["metric"] == "val_top1" else "TRAIN accuracy (no validation data)"
         self.print(
             f"training {d['model']} on {d['num_train']} clips ({len(d['classes'])} classes), "
             f"validation {d['num_val']} videos; {d['epochs']} epochs x {d['steps_per_epoch']} steps, "
             f"global batch {d['global_batch']}, {d['world_size']} process(es) on {d['device']}; "
-            f"best.pt chosen by {'validation video top-1' if d['metric'] == 'val_top1' else 'TRAIN accuracy (no validation data)'}"
+            f"best.pt chosen by {chosen}"
         )
 
     def _eta(self, step: int) -> str:

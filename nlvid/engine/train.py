@@ -442,7 +442,8 @@ def train(
     progress("start", run_dir=str(out), resumed=ckpt is not None, start_epoch=start_epoch, start_batch=start_batch,
              step=step, epochs=tc.epochs, steps_per_epoch=steps_per_epoch, batches_per_epoch=batches_per_epoch,
              total_steps=total_steps, num_train=n_items, num_val=len(val_ds) if val_ds is not None else 0,
-             device=str(device), world_size=info.world_size, global_batch=tc.batch_size * info.world_size * tc.accum_steps,
+             device=str(device), world_size=info.world_size,
+             global_batch=tc.batch_size * info.world_size * tc.accum_steps,
              metric=metric_name, classes=classes, init=init_lines, model=cfg.model.name)
 
     workers = dc.num_workers
