@@ -46,7 +46,10 @@ class LineReporter:
         self.t0 = time.perf_counter()
         for line in d.get("init") or []:
             self.print(line)
-        if d["resumed"]:
+        if d["resumed"] and d["start_epoch"] >= d["epochs"]:
+            self.print(f"the run in {d['run_dir']} already finished its {d['epochs']} epochs: nothing to train "
+                       f"(extend it with --set train.epochs=N)")
+        elif d["resumed"]:
             self.print(f"resuming {d['run_dir']} from epoch {d['start_epoch'] + 1}, batch {d['start_batch']} "
                        f"(step {d['step']} of {d['total_steps']})")
         chosen = "validation video top-1" if d["metric"] == "val_top1" else "TRAIN accuracy (no validation data)"
