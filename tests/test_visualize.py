@@ -297,7 +297,9 @@ def test_trained_attention_links_the_two_objects(tmp_path):
     """Tiny NL model trained on the synthetic long-range data (40 clips/class, the tiny config's 12 epochs): a query
     on one decisive object puts its top-10 keys on the other object well above chance, and more than the same
     model does at initialisation (random theta/phi already favour similar-looking bright objects a little).
-    Measured (2 CPU threads): trained ratio 2.22 (hit 0.048 vs chance 0.022), untrained 1.58; bounds with margin."""
+    Measured at top-10 (chance 0.0219): trained hit 0.050 / ratio 2.30 (2 threads; 2.22 with 1 thread), the same
+    model at init (seed 0) 0.040 / 1.83. The model is weak (val top-1 ~0.37 on 4 classes after 12 epochs), so the
+    bounds keep a margin: ratio > 1.8 and trained hit > 1.05 x untrained (measured 1.21-1.26x)."""
     from nlvid.config import load_config
     from nlvid.data import write_synthetic
     from nlvid.engine.checkpoint import load_model
@@ -317,7 +319,7 @@ def test_trained_attention_links_the_two_objects(tmp_path):
     s0 = A.localization_score(create_model("tiny", num_classes=4), root, **kw)
     assert s["num_queries"] > 200 and s["chance_rate"] == pytest.approx(s0["chance_rate"])
     assert s["ratio"] > 1.8, (s, s0)
-    assert s["hit_rate"] > 1.15 * s0["hit_rate"], (s, s0)
+    assert s["hit_rate"] > 1.05 * s0["hit_rate"], (s, s0)
 
 
 def test_center_view_maps_through_the_crop_box():
