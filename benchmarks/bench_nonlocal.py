@@ -5,7 +5,7 @@
 
 Times: both implementations in one fresh subprocess per case, steps alternated (ours, theirs, ours, ...), so a load
 that changes during the run hits both alike. Memory: a fresh subprocess per implementation and case, so it is honest:
-glibc is told to serve every allocation >= 64 KiB with mmap (MALLOC_MMAP_THRESHOLD_), so freed tensors leave the
+glibc is told to serve every allocation >= 64 KiB with mmap (MALLOC_MMAP_THRESHOLD_; memory runs only), so freed tensors leave the
 resident set at once; after the warm-up steps the kernel's peak-RSS counter is reset (/proc/self/clear_refs = 5) and
 "peak extra memory" is VmHWM after one more step minus VmRSS just before it (inputs, weights, and libraries excluded).
 Times are the median of several steps after warm-up, with torch.set_num_threads(--threads, default 2).
@@ -121,7 +121,9 @@ def worker(args) -> None:
 
 
 def run_case(measure: str, impl: str, inst: str, frames: int, kind: str, reps: int, warmup: int, threads: int):
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS=str(threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if measure == "memory":  # default allocator for timing; mmap every block >= 64 KiB for honest peak RSS
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     cmd = [
         sys.executable, os.path.abspath(__file__), "--worker", "--measure", measure, "--impl", impl, "--inst", inst,
         "--frames", str(frames), "--kind", kind, "--reps", str(reps), "--warmup", str(warmup),
@@ -178,7 +180,7 @@ def main() -> None:
 
     import torch
 
-    reps = args.reps or (3 if args.quick else 7)
+    reps = args.reps or (3 if args.quick else 5)
     warmup = 1 if args.quick else 2
     print(f"# Non-local block benchmark: nlvid vs pytorchvideo create_nonlocal (dim_in=512, dim_inner=256, "
           f"pool 1x2x2), CPU fp32, {args.threads} threads, torch {torch.__version__}, median of {reps}, "

@@ -73,7 +73,7 @@ def test_identity_at_init_and_fast_equals_explicit(params):
         assert _close(gf, ge) <= 1e-4, ("grad", training)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d", "strided"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d", "strided", "channels_last_2d"])
 def test_fast_path_input_layouts(layout):
     torch.manual_seed(1)
     x = torch.randn(2, 8, 4, 6, 6)
@@ -81,6 +81,8 @@ def test_fast_path_input_layouts(layout):
         x = x.contiguous(memory_format=torch.channels_last_3d)
     elif layout == "strided":
         x = torch.randn(2, 8, 4, 6, 12)[..., ::2]
+    elif layout == "channels_last_2d":
+        x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
     block = _randomise(NonLocalBlock(8, impl="fast"))
     ref = _randomise(NonLocalBlock(8, impl="explicit"))
     for training in (True, False):
@@ -176,7 +178,9 @@ def test_attention_recorder_names_inputs_and_hook_removal():
     assert all(len(m._forward_pre_hooks) == 0 for m in model.modules() if isinstance(m, NonLocalBlock))
     with AttentionRecorder(model, blocks=["res4.nl.0"]) as rec2:
         model(x)
+        model.res4.nl["0"](x=x)  # keyword call is recorded too
     assert rec2.names == ["res4.nl.0"]
+    assert torch.equal(rec2.inputs["res4.nl.0"], x)
     with pytest.raises(ConfigError, match="res9.nl.0"):
         AttentionRecorder(model, blocks=["res9.nl.0"])
     with pytest.raises(ConfigError, match="no input recorded"):

@@ -324,7 +324,8 @@ class NonLocalBlock(nn.Module):
         return weight, bias
 
     def _bn_needs_batch_stats(self) -> bool:
-        return self.norm == "bn" and self.bn.training
+        # eval-mode BN with running statistics is an affine map and gets folded into W_z (fast path)
+        return self.norm == "bn" and (self.bn.training or self.bn.running_var is None)
 
     # -- forward -------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -334,7 +335,7 @@ class NonLocalBlock(nn.Module):
             z5 = self._forward_explicit(x5)
         else:
             z5 = self._forward_fast(x5)
-        return z5.view(x.shape) if x.dim() != 5 else z5
+        return z5.view(x.shape) if x.dim() != 5 else z5  # (B, C, 1, 1, L) -> (B, C, L); (B, C, 1, H, W) -> (B, C, H, W)
 
     # The explicit reference: conv3d, max_pool3d, bmm, softmax, bmm.
     def _embed_explicit(self, x5: torch.Tensor):
@@ -481,7 +482,9 @@ class NonLocalBlock(nn.Module):
             p = p.view(B, C, T, H, W)  # (B, C, N) -> (B, C, T, H, W)
         if train_bn:
             p = self.bn(p)
-        return x5 + p
+        # p is a fresh tensor that no backward needs (BN saves its input, baddbmm/linear their operands), so the
+        # residual goes in place: one (B, C, T, H, W) buffer fewer.
+        return p.add_(x5)
 
     # -- attention maps ------------------------------------------------------------------------------------------
     def attention_rows(
@@ -586,10 +589,11 @@ class AttentionRecorder:
         self._handles: list = []
 
     def _hook(self, name: str):
-        def hook(module, args):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["x"]
             if name not in self.inputs:
                 self.names.append(name)
-            self.inputs[name] = args[0].detach()
+            self.inputs[name] = x.detach()
 
         return hook
 
@@ -597,7 +601,7 @@ class AttentionRecorder:
         self.names.clear()
         self.inputs.clear()
         for name, block in self._blocks.items():
-            self._handles.append(block.register_forward_pre_hook(self._hook(name)))
+            self._handles.append(block.register_forward_pre_hook(self._hook(name), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
