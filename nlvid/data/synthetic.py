@@ -1,14 +1,15 @@
 """A small real-video dataset whose labels need long-range reasoning in space AND time.
 
 Each clip (H.264 MP4, yuv420p, 64x64, 16 frames at 8 fps) shows:
-- object A (a coloured filled square, ring or cross, 16-20 px) in the FIRST frames (0 .. 5-6) on one side (left
-  or right half), drifting slightly; it then disappears;
+- object A (a red or blue square or cross, 18-22 px) in the FIRST frames (0 .. 5-6) on one side (left or right
+  half), drifting slightly; it then disappears;
 - object B in the LAST frames (9-10 .. 15) on the OTHER side;
-- a grey distractor shape crossing the frame in the middle frames, a random dark background with static texture,
+- a small grey distractor crossing the frame in the middle frames, a dark grey background with static texture,
   and per-frame pixel noise.
 
 The label compares A with B (classes=4: same shape? x same colour?; classes=2: same shape?; classes=6: same
-shape? x hue relation same / next / previous on a 3-hue wheel). Every single object is uniformly distributed
+shape? x hue relation same / next / previous on a red-green-blue wheel). Attributes are binary (2 shapes, 2 hues
+for 2 and 4 classes) and large on purpose: the relation is the hard part, recognising the objects is not. Every single object is uniformly distributed
 over the classes, so no local feature decides the label: a model must relate two objects ~40 px and ~10 frames
 apart. A bag of local features pooled by global averaging and a linear classifier cannot do it (same-vs-different
 is an XOR-like relation: with colour indicators averaged, "two reds" and "one red + one green" have the same sum),
@@ -36,8 +37,8 @@ from nlvid.errors import ConfigError
 SIZE = 64
 NUM_FRAMES = 16
 FPS = 8
-SHAPES = ("square", "ring", "cross")
-HUES = ("red", "green", "blue")
+SHAPES = ("square", "cross")
+HUES = ("red", "green", "blue")  # classes 2 and 4 use red and blue only
 _RGB = {"red": (225, 45, 40), "green": (40, 205, 60), "blue": (55, 90, 235)}
 _COLOUR_RELATIONS = {2: ("any",), 4: ("same", "diff"), 6: ("same", "next", "prev")}
 
@@ -62,9 +63,6 @@ def _mask(shape: str, size: int) -> np.ndarray:
         m[:1] = m[-1:] = False
         m[:, :1] = m[:, -1:] = False
         return m
-    if shape == "ring":  # a hollow circle, about a quarter of the size thick
-        r2 = (yy - c) ** 2 + (xx - c) ** 2
-        return (r2 <= (size / 2 - 0.5) ** 2) & (r2 >= (size / 4) ** 2)
     if shape == "cross":  # a plus sign, arms a third of the size thick
         arm = size / 6
         return (np.abs(yy - c) <= arm) | (np.abs(xx - c) <= arm)
@@ -86,21 +84,23 @@ def _clip(rng: np.random.Generator, label: int, classes: int):
     colour_rels = _COLOUR_RELATIONS[classes]
     shape_same = label < len(colour_rels)
     colour_rel = colour_rels[label % len(colour_rels)]
+    hues = (0, 2) if classes in (2, 4) else (0, 1, 2)  # red/blue, or the 3-hue wheel for next/prev
     sa = int(rng.integers(len(SHAPES)))
-    sb = sa if shape_same else int((sa + rng.integers(1, len(SHAPES))) % len(SHAPES))
-    ca = int(rng.integers(len(HUES)))
+    sb = sa if shape_same else 1 - sa
+    ia = int(rng.integers(len(hues)))
     if colour_rel == "any":
-        cb = int(rng.integers(len(HUES)))
+        ib = int(rng.integers(len(hues)))
     elif colour_rel == "same":
-        cb = ca
+        ib = ia
     elif colour_rel == "diff":
-        cb = int((ca + rng.integers(1, len(HUES))) % len(HUES))
+        ib = 1 - ia
     else:
-        cb = (ca + (1 if colour_rel == "next" else -1)) % len(HUES)
+        ib = (ia + (1 if colour_rel == "next" else -1)) % len(hues)
+    ca, cb = hues[ia], hues[ib]
 
-    # Background: dark colour + static texture; per-frame noise added at the end.
-    base = rng.integers(15, 55, size=3)
-    texture = rng.integers(-8, 9, size=(SIZE, SIZE, 1)) + rng.integers(-3, 4, size=(SIZE, SIZE, 3))
+    # Background: dark grey + static texture; per-frame noise added at the end.
+    base = rng.integers(20, 50) + rng.integers(-4, 5, size=3)
+    texture = rng.integers(-6, 7, size=(SIZE, SIZE, 1))
     background = np.clip(base + texture, 0, 255)
     frames = np.repeat(background[None].astype(np.int16), NUM_FRAMES, axis=0)
 
@@ -111,7 +111,7 @@ def _clip(rng: np.random.Generator, label: int, classes: int):
         (SHAPES[sb], HUES[cb], int(rng.integers(9, 11)), NUM_FRAMES - 1, not a_left),
     ]
     for shape, hue, t0, t1, left in specs:
-        size = int(rng.integers(16, 21))
+        size = int(rng.integers(18, 23))
         cx = rng.uniform(1, SIZE / 2 - size - 1) if left else rng.uniform(SIZE / 2 + 1, SIZE - size - 1)
         cy = rng.uniform(1, SIZE - size - 1)
         vx, vy = rng.uniform(-0.5, 0.5, size=2)
@@ -131,7 +131,7 @@ def _clip(rng: np.random.Generator, label: int, classes: int):
 
     # Distractor: a grey shape crossing the frame during the middle frames (never decides the label).
     d_shape = SHAPES[int(rng.integers(len(SHAPES)))]
-    d_size = int(rng.integers(10, 15))
+    d_size = int(rng.integers(8, 12))
     d_mask = _mask(d_shape, d_size)
     grey = int(rng.integers(110, 200))
     x_from, x_to = rng.uniform(0, SIZE - d_size, size=2)
@@ -141,7 +141,7 @@ def _clip(rng: np.random.Generator, label: int, classes: int):
         f = (t - d_t0) / max(1, d_t1 - d_t0)
         _paste(frames[t], d_mask, int(round(x_from + (x_to - x_from) * f)), int(dy), (grey, grey, grey))
 
-    frames += rng.integers(-4, 5, size=frames.shape, dtype=np.int16)
+    frames += rng.integers(-3, 4, size=frames.shape, dtype=np.int16)
     return np.clip(frames, 0, 255).astype(np.uint8), objects
 
 
