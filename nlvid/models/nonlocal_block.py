@@ -46,6 +46,8 @@ Implementations (`impl`): "explicit" = conv3d + bmm + softmax + bmm, the referen
 `scaled_dot_product_attention` for the gaussians with contiguous (G, 1, n, D) tensors, theta (phi^T g) / n' for
 dot_product (never forms the n x n' matrix), a query-chunked custom autograd function for concatenation (memory bounded
 in training too), BN folded into W_z in eval mode. "auto" = fast. Both give the same numbers (fp32, <= 1e-4).
+The fast path supports first-order gradients only (concatenation uses a custom autograd function); for double
+backward use impl="explicit". Inputs may be contiguous or channels_last_3d; a channels-last input keeps that layout.
 """
 
 from __future__ import annotations
@@ -117,23 +119,38 @@ def _pool_tokens(t: torch.Tensor, grid: tuple[int, int, int], kernel: tuple[int,
     return pooled.permute(0, 2, 3, 4, 1).reshape(B, -1, D)  # (B, D, t', h', w') -> (B, t', h', w', D) -> (B, N', D)
 
 
-def _pool5(x5: torch.Tensor, kernel: tuple[int, int, int]) -> torch.Tensor:
-    """Max-pool a (B, C, T, H, W) map, kernel = stride, no padding; the fastest exact route for the layout.
+class _MaxPoolChannelsLast(torch.autograd.Function):
+    """Exact max_pool3d (kernel = stride, no padding) computed on a channels-last copy (the fast CPU kernel).
 
-    Measured on 2 cores, (2, 512, 8, 28, 28), kernel (1, 2, 2): max_pool3d on the contiguous map ~100 ms;
-    channels-last copy + channels-last max_pool3d ~25 ms forward (but a slow backward); max_pool2d over a
-    (B, C*T, H, W) view ~75 ms forward, the cheapest forward + backward. So: no autograd -> channels-last;
-    autograd -> the 2-D view (when the temporal kernel is 1)."""
+    Only the int64 indices are kept for backward (not the copy), and backward is max_unpool3d: with non-overlapping
+    windows, scattering each pooled gradient to its argmax cell is exactly max-pool's backward."""
+
+    @staticmethod
+    def forward(ctx, x5, kernel):
+        x_cl = x5.contiguous(memory_format=torch.channels_last_3d)  # (B, C, T, H, W), channels innermost
+        out, idx = torch.ops.aten.max_pool3d_with_indices(x_cl, kernel, kernel)  # (B, C, t', h', w') x 2
+        ctx.save_for_backward(idx)
+        ctx.kernel, ctx.size = kernel, tuple(x5.shape[2:])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (idx,) = ctx.saved_tensors
+        return F.max_unpool3d(grad_out, idx, ctx.kernel, ctx.kernel, output_size=ctx.size), None  # (B, C, T, H, W)
+
+
+def _pool5(x5: torch.Tensor, kernel: tuple[int, int, int]) -> torch.Tensor:
+    """Max-pool a (B, C, T, H, W) map, kernel = stride, no padding, returning a channels-last result.
+
+    Measured on 2 cores, (2, 512, T, 28, 28), kernel (1, 2, 2): max_pool3d on the contiguous map ~100 ms (T=8);
+    channels-last copy + channels-last max_pool3d ~25 ms (T=8). Forward + backward at T=16: max_pool2d over a
+    (B, C*T, H, W) view 107 ms, _MaxPoolChannelsLast 78 ms. Same values and same argmax either way."""
     if kernel == (1, 1, 1):
         return x5
-    needs_grad = torch.is_grad_enabled() and x5.requires_grad
-    if not needs_grad and x5.is_contiguous() and x5.shape[1] > 1:
-        x5 = x5.contiguous(memory_format=torch.channels_last_3d)  # same (B, C, T, H, W), channels innermost
-    if kernel[0] == 1 and x5.is_contiguous():
-        B, C, T, H, W = x5.shape
-        pooled = F.max_pool2d(x5.view(B, C * T, H, W), kernel[1:], kernel[1:])  # (B, C*T, h', w')
-        return pooled.view(B, C, T, pooled.shape[-2], pooled.shape[-1])  # (B, C*T, h', w') -> (B, C, T, h', w')
-    return F.max_pool3d(x5, kernel, kernel)
+    if torch.is_grad_enabled() and x5.requires_grad:
+        return _MaxPoolChannelsLast.apply(x5, list(kernel))
+    x_cl = x5.contiguous(memory_format=torch.channels_last_3d)  # (B, C, T, H, W), channels innermost
+    return F.max_pool3d(x_cl, kernel, kernel)
 
 
 class _ConcatAttention(torch.autograd.Function):
