@@ -15,6 +15,10 @@ apart. A bag of local features pooled by global averaging and a linear classifie
 is an XOR-like relation: with colour indicators averaged, "two reds" and "one red + one green" have the same sum),
 whereas a non-local block can compare the two positions directly.
 
+Measured (`nlvid train DIR --config tiny`, 50 clips per class = 152 train / 48 val, 12 epochs, one seed, 2 busy
+CPU cores): tiny NL model best val top-1 60.4% (train acc 61%); the same model without NL blocks
+(`--set 'model.nonlocal_blocks={}'`) 39.6% (train acc 41%); chance 25%.
+
 Sampling for the tiny config: num_frames 8, stride 2 covers the whole clip (frames 0/1, 2/3, ... 14/15), so the
 first and the last objects are both seen. Everything is deterministic from the seed (numpy Generator per clip,
 single-threaded x264).
