@@ -44,7 +44,8 @@ cells t'*kt .. t'*kt+kt-1 (same for h, w), i.e. in pixels a key spans kt x kh x 
 
 Implementations (`impl`): "explicit" = conv3d + bmm + softmax + bmm, the reference; "fast" = token-layout matmuls,
 `scaled_dot_product_attention` for the gaussians with contiguous (G, 1, n, D) tensors, theta (phi^T g) / n' for
-dot_product (never forms the n x n' matrix), a query-chunked custom autograd function for concatenation (memory bounded
+dot_product (never forms the n x n' matrix; in spacetime mode
+further collapsed to one per-sample C x C matrix applied to x, see _dot_collapses), a query-chunked custom autograd function for concatenation (memory bounded
 in training too), BN folded into W_z in eval mode. "auto" = fast. Both give the same numbers (fp32, <= 1e-4).
 The fast path supports first-order gradients only (concatenation uses a custom autograd function); for double
 backward use impl="explicit". Inputs may be contiguous or channels_last_3d; a channels-last input keeps that layout.
@@ -52,7 +53,6 @@ backward use impl="explicit". Inputs may be contiguous or channels_last_3d; a ch
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -415,7 +415,7 @@ class NonLocalBlock(nn.Module):
         return x5 + p
 
     # The fast path: tokens (B, N, D) with D innermost all the way through; no N x N' matrix unless needed.
-    def _embed_fast(self, x5: torch.Tensor):
+    def _embed_fast(self, x5: torch.Tensor, with_q: bool = True):
         """Returns tokens q (B, N, D), k (B, N', D), v (B, N', C'), all contiguous, and the pooled grid.
 
         phi and g share their input (pooled x for "input", x for "after"), so they run as ONE matmul with the two
@@ -434,7 +434,7 @@ class NonLocalBlock(nn.Module):
             else:
                 v = _pool_tokens(_linear_tokens(xt, self.g.weight, self.g.bias), grid, kernel)  # (B, N', C')
             return q, k, v, pgrid
-        q = _linear_tokens(xt, self.theta.weight, self.theta.bias)  # (B, N, C')
+        q = _linear_tokens(xt, self.theta.weight, self.theta.bias) if with_q else None  # (B, N, C')
         w_pg = torch.cat([self.phi.weight, self.g.weight])  # (2C', C, 1, 1, 1)
         b_pg = torch.cat([self.phi.bias, self.g.bias])  # (2C',)
         if self.pool_position == "input":
@@ -481,15 +481,38 @@ class NonLocalBlock(nn.Module):
         chunk = max(1, min(n, _CONCAT_CHUNK_ELEMS // max(1, G * n_keys)))
         return _ConcatAttention.apply(a, b, v, chunk)
 
+    def _dot_collapses(self) -> bool:
+        """dot_product/spacetime is linear in theta: W_z (theta (phi^T g) / N') = A_b x + c_b with a per-sample
+        C x C matrix A_b = W_z (phi^T g / N')^T W_theta. One C x C matmul over N replaces theta (C -> C'), the
+        C' x C' product and W_z (C' -> C) whenever C^2 <= C' (2C + C') (true for the default C' = C/2)."""
+        C, Ci = self.dim_in, self.dim_inner
+        return self.instantiation == "dot_product" and self.mode == "spacetime" and C * C <= Ci * (2 * C + Ci)
+
     def _forward_fast(self, x5: torch.Tensor) -> torch.Tensor:
         B, C, T, H, W = x5.shape
         grid = (T, H, W)
-        q, k, v, pgrid = self._embed_fast(x5)
-        y = self._attend_fast(self._group_tokens(q, grid), self._group_tokens(k, pgrid), self._group_tokens(v, pgrid))
-        y = self._ungroup_tokens(y, B, grid)  # (B, N, C')
         train_bn = self._bn_needs_batch_stats()
         weight, bias = (self.out.weight.flatten(1), self.out.bias) if train_bn else self._bn_folded_out()
         channels_last = not x5.is_contiguous() and x5.permute(0, 2, 3, 4, 1).is_contiguous()
+        if self._dot_collapses():
+            _, k, v, _ = self._embed_fast(x5, with_q=False)  # (B, N', C') x 2
+            kv = torch.bmm(k.transpose(1, 2), v) / k.shape[1]  # (B, C', N') @ (B, N', C') -> (B, C', C')
+            wz_kv = torch.matmul(weight, kv.transpose(1, 2))  # (C, C') @ (B, C', C') -> (B, C, C')
+            A = torch.matmul(wz_kv, self.theta.weight.flatten(1))  # (B, C, C') @ (C', C) -> (B, C, C)
+            c = torch.matmul(wz_kv, self.theta.bias) + bias  # (B, C, C') @ (C',) -> (B, C)
+            if channels_last:
+                xt = _tokens(x5)  # (B, N, C), contiguous view
+                p = torch.baddbmm(c[:, None, :], xt, A.transpose(1, 2))  # (B, N, C) @ (B, C, C) -> (B, N, C)
+                p = p.view(B, T, H, W, C).permute(0, 4, 1, 2, 3)  # (B, N, C) -> (B, T, H, W, C) -> (B, C, T, H, W)
+            else:
+                p = torch.baddbmm(c[:, :, None], A, _tokens(x5).transpose(1, 2))  # (B, C, C) @ (B, C, N)
+                p = p.view(B, C, T, H, W)  # (B, C, N) -> (B, C, T, H, W)
+            if train_bn:
+                p = self.bn(p)
+            return p.add_(x5)
+        q, k, v, pgrid = self._embed_fast(x5)
+        y = self._attend_fast(self._group_tokens(q, grid), self._group_tokens(k, pgrid), self._group_tokens(v, pgrid))
+        y = self._ungroup_tokens(y, B, grid)  # (B, N, C')
         if channels_last:
             p = F.linear(y, weight, bias)  # (B, N, C') -> (B, N, C)
             p = p.view(B, T, H, W, C).permute(0, 4, 1, 2, 3)  # (B, N, C) -> (B, T, H, W, C) -> (B, C, T, H, W) cl
