@@ -142,6 +142,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 errors.append(e)
         raise errors[0] if errors else ConfigError(f"config key '{key}': None is not allowed")
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e10 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
         return float(value)

@@ -61,3 +61,10 @@ def test_bundled_configs_load(name):
 
     cfg = load_config(name)
     assert cfg.model.name in list_models()
+
+
+def test_float_in_exponent_form():
+    # YAML 1.1 reads "1e10" as a string; a float key still takes it
+    assert load_config(None, ["optim.lr=1e10"]).optim.lr == 1e10
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config(None, ["optim.lr=fast"])
