@@ -31,7 +31,7 @@ class ModelConfig:
     name: str = "c2d_r50_nl5"  # a preset from nlvid.models.list_models()
     num_classes: int = 400
     # Everything below overrides the preset when not None.
-    layout: str | None = None  # temporal layout: "8x8" (PySlowFast) or "32x2" (paper / official Caffe2)
+    layout: str | None = None  # temporal layout: "8x8" (PySlowFast), "32x2" (paper / Caffe2), "mmaction2" (its I3D stem)
     width: int | None = None  # base width (64 for the paper's ResNets; small for tiny models)
     nonlocal_blocks: dict[str, list[int]] | None = None  # where NL blocks go: {res3: [1, 3], res4: [1, 3, 5]}
     instantiation: str | None = None  # gaussian | embedded_gaussian | dot_product | concatenation
@@ -109,7 +109,7 @@ class Config:
 
 # Values with a fixed set of choices; checked after every merge.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.layout": ("8x8", "32x2"),
+    "model.layout": ("8x8", "32x2", "mmaction2"),
     "model.instantiation": ("gaussian", "embedded_gaussian", "dot_product", "concatenation"),
     "model.pool_position": ("input", "after"),
     "model.mode": ("spacetime", "space", "time"),

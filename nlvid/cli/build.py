@@ -63,7 +63,7 @@ def build(
     classes: Annotated[Optional[int], typer.Option("--classes", help="Number of classes. Default: the config's "
                                                    "model.num_classes (400), or the imported weights'.")] = None,
     layout: Annotated[Optional[str], typer.Option("--layout", help="Temporal layout: 8x8 (PySlowFast, default) or "
-                                                  "32x2 (paper / Caffe2).")] = None,
+                                                  "32x2 (paper / Caffe2), mmaction2 (its I3D stem).")] = None,
     set_: SetOption = None,
     init: Annotated[Optional[str], typer.Option("--init", metavar="FORMAT=PATH", help="Initial weights: "
                                                 "imagenet=torchvision.pth (inflated), nlvid=, pyslowfast=, caffe2=, "

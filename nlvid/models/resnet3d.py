@@ -16,7 +16,8 @@ Variants are data:
 - `ARCHS`: which conv of a block gets a temporal kernel of 3, the stem's temporal kernel, and the per-block
   inflation pattern (official video-nonlocal-net pattern for I3D; C2D inflates nothing).
 - `LAYOUTS`: "8x8" (PySlowFast: conv1 stride (1,2,2), pool1 1x3x3, pool2 2x1x1 stride 2 after res2) and
-  "32x2" (paper / official Caffe2: conv1 stride (2,2,2), pool1 2x3x3 stride 2, pool2 2x1x1 stride 2).
+  "32x2" (paper / official Caffe2: conv1 stride (2,2,2), pool1 2x3x3 stride 2, pool2 2x1x1 stride 2) and
+  "mmaction2" (MMAction2's I3D: conv1 stride (2,2,2), pool1 1x3x3 stride (2,2,2), pool2 2x1x1 stride 2).
 
 Speed: every 1xkxk convolution is a `FrameConv3d`, a Conv3d (same parameters and state-dict shapes) whose
 forward folds time into the batch and runs conv2d. The trunk keeps activations in `channels_last_3d` memory
@@ -66,6 +67,9 @@ LAYOUTS: dict[str, dict[str, Any]] = {
                 pool2_kernel=(2, 1, 1), pool2_stride=(2, 1, 1)),
     "32x2": dict(stem_stride=(2, 2, 2), pool1_kernel=(2, 3, 3), pool1_stride=(2, 2, 2),
                  pool2_kernel=(2, 1, 1), pool2_stride=(2, 1, 1)),
+    # MMAction2's I3D ResNet3d (conv1_stride_t=2, pool1_stride_t=2): pool1 subsamples time without pooling over it.
+    "mmaction2": dict(stem_stride=(2, 2, 2), pool1_kernel=(1, 3, 3), pool1_stride=(2, 2, 2),
+                      pool2_kernel=(2, 1, 1), pool2_stride=(2, 1, 1)),
 }
 
 
