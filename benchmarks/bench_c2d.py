@@ -67,14 +67,16 @@ def main() -> None:
     import nlvid.models.resnet3d as r3d
 
     def plain(m: torch.nn.Module):
-        """Ablation: the same nlvid model with the plain Conv3d / BatchNorm3d forwards on a contiguous clip."""
+        """Ablation: the same nlvid model with the plain Conv3d / BatchNorm3d forwards (no folded frames, no BN
+        folding) on a contiguous clip."""
         def run(inp):
-            fc, fb = r3d.FrameConv3d.forward, r3d.FrameBatchNorm3d.forward
+            fc, fb, cb = r3d.FrameConv3d.forward, r3d.FrameBatchNorm3d.forward, r3d.conv_bn
             r3d.FrameConv3d.forward, r3d.FrameBatchNorm3d.forward = nn.Conv3d.forward, nn.BatchNorm3d.forward
+            r3d.conv_bn = lambda conv, bn, x: bn(conv(x))
             try:
                 return m(inp)
             finally:
-                r3d.FrameConv3d.forward, r3d.FrameBatchNorm3d.forward = fc, fb
+                r3d.FrameConv3d.forward, r3d.FrameBatchNorm3d.forward, r3d.conv_bn = fc, fb, cb
         return run
 
     models = [("pytorchvideo c2d_r50", ref), ("nlvid c2d_r50 (8x8)", ours)]

@@ -234,13 +234,14 @@ def test_model_matches_plain_conv3d_reference():
         fast = model(x)
         import nlvid.models.resnet3d as r
 
-        orig_conv, orig_bn = r.FrameConv3d.forward, r.FrameBatchNorm3d.forward
+        orig_conv, orig_bn, orig_conv_bn = r.FrameConv3d.forward, r.FrameBatchNorm3d.forward, r.conv_bn
         try:
             r.FrameConv3d.forward = torch.nn.Conv3d.forward
             r.FrameBatchNorm3d.forward = torch.nn.BatchNorm3d.forward
+            r.conv_bn = lambda conv, bn, inp: bn(conv(inp))  # no BN folding either
             slow = model(x.contiguous())
         finally:
-            r.FrameConv3d.forward, r.FrameBatchNorm3d.forward = orig_conv, orig_bn
+            r.FrameConv3d.forward, r.FrameBatchNorm3d.forward, r.conv_bn = orig_conv, orig_bn, orig_conv_bn
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
 
 
@@ -351,3 +352,30 @@ def test_load_state_dict_checked_lists_problems():
     good = create_model("tiny")
     load_state_dict_checked(model, good.state_dict())
     torch.testing.assert_close(model.stem.conv.weight, good.stem.conv.weight)
+
+
+def test_eval_bn_folding_equals_plain_bn_and_follows_weight_changes():
+    """Under no_grad in eval mode the backbone folds BN into the convs (cached); the result must equal the plain
+    conv -> BN path, and a change of any weight or statistic must be seen (no stale cache)."""
+    torch.manual_seed(0)
+    m = create_model("c2d_r18", num_classes=5, nonlocal_blocks={}, width=8)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm3d):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.5, 2.0)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.2, 0.2)
+    m.eval()
+    x = torch.randn(2, 3, 8, 32, 32)
+    plain = m(x)  # autograd on: the unfolded path
+    with torch.no_grad():
+        folded = m(x)
+        assert torch.allclose(folded, plain, atol=1e-5, rtol=1e-5)
+        m.res2.blocks[0].bn1.running_var.mul_(3.0)  # in place: the cache must notice
+        m.stem.conv.weight.add_(0.01)
+        changed = m(x)
+    assert torch.allclose(changed, m(x), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(changed, folded, atol=1e-4)
+    m.train()
+    with torch.no_grad():
+        m(x)  # training mode: plain BN with batch statistics, running stats updated

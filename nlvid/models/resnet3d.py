@@ -106,9 +106,13 @@ class FrameConv3d(nn.Conv3d):
     Outputs equal `F.conv3d` (tested). Temporal kernels > 1 take the ordinary conv3d path.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`weight`/`bias` replace the module's own (used by `conv_bn` to run with BN folded in)."""
+        if weight is None:
+            weight, bias = self.weight, self.bias
         if self.kernel_size[0] != 1 or self.padding[0] != 0 or self.padding_mode != "zeros" or x.dim() != 5:
-            return super().forward(x)
+            return self._conv_forward(x, weight, bias)
         st = self.stride[0]
         if st > 1:
             x = x[:, :, ::st]  # a 1-frame kernel with temporal stride s just keeps every s-th frame
@@ -117,10 +121,30 @@ class FrameConv3d(nn.Conv3d):
         x2 = x.transpose(1, 2).reshape(B * T, C, H, W)
         if not x2.is_contiguous(memory_format=torch.channels_last):
             x2 = x2.contiguous(memory_format=torch.channels_last)
-        y = F.conv2d(x2, self.weight.squeeze(2), self.bias, self.stride[1:], self.padding[1:],
+        y = F.conv2d(x2, weight.squeeze(2), bias, self.stride[1:], self.padding[1:],
                      self.dilation[1:], self.groups)
         # (B*T, C', H', W') -> (B, T, C', H', W') -> (B, C', T, H', W'): channels_last_3d view of y
         return y.reshape(B, T, *y.shape[1:]).transpose(1, 2)
+
+
+def conv_bn(conv: FrameConv3d, bn: nn.BatchNorm3d, x: torch.Tensor) -> torch.Tensor:
+    """bn(conv(x)). Without autograd and with BN in eval mode, the BN is folded into the conv's weights instead:
+    the same function up to fp32 rounding, one pass over the activations fewer (BN was ~16% of a C2D R50
+    inference on CPU). The folded weights are cached on the conv until a tensor they derive from changes (version
+    counters and storage), so training, `load_state_dict` and `.to()` are always seen."""
+    if bn.training or torch.is_grad_enabled() or bn.running_mean is None or bn.weight is None:
+        return bn(conv(x))
+    srcs = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    key = tuple((t._version, t.data_ptr(), t.dtype) if t is not None else None for t in srcs) + (bn.eps,)
+    cached = conv.__dict__.get("_bn_folded")
+    if cached is None or cached[0] != key:
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # (C',)
+        weight = conv.weight * scale.reshape(-1, 1, 1, 1, 1)
+        bias = bn.bias - bn.running_mean * scale
+        if conv.bias is not None:
+            bias = bias + conv.bias * scale
+        cached = conv.__dict__["_bn_folded"] = (key, weight, bias)
+    return conv(x, cached[1], cached[2])
 
 
 def _conv(dim_in: int, dim_out: int, kernel: tuple[int, int, int],
@@ -199,10 +223,10 @@ class Bottleneck(nn.Module):
             nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        y = self.relu(self.bn1(self.conv1(x)))
-        y = self.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
+        shortcut = x if self.downsample is None else conv_bn(self.downsample[0], self.downsample[1], x)
+        y = self.relu(conv_bn(self.conv1, self.bn1, x))
+        y = self.relu(conv_bn(self.conv2, self.bn2, y))
+        y = conv_bn(self.conv3, self.bn3, y)
         return self.relu(y.add_(shortcut))  # in place: BN's backward does not need its output
 
 
@@ -232,9 +256,9 @@ class BasicBlock(nn.Module):
             nn.init.zeros_(self.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        y = self.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
+        shortcut = x if self.downsample is None else conv_bn(self.downsample[0], self.downsample[1], x)
+        y = self.relu(conv_bn(self.conv1, self.bn1, x))
+        y = conv_bn(self.conv2, self.bn2, y)
         return self.relu(y.add_(shortcut))  # in place: BN's backward does not need its output
 
 
@@ -252,7 +276,7 @@ class Stem(nn.Module):
         _init_conv_bn(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.relu(self.bn(self.conv(x))))
+        return self.pool(self.relu(conv_bn(self.conv, self.bn, x)))
 
 
 class Stage(nn.Module):
