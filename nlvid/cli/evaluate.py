@@ -46,7 +46,10 @@ def evaluate(
     workers: Annotated[Optional[int], typer.Option("--workers", help="Data loading processes.")] = None,
     json_: JsonOption = False,
 ) -> None:
-    """Evaluate a checkpoint: video top-1/top-5, clip accuracy, mean class accuracy, per-class accuracy."""
+    """Evaluate a checkpoint: video top-1/top-5, clip accuracy, mean class accuracy, per-class accuracy.
+
+    Example: nlvid eval runs/tiny/best.pt my_videos/ --clips 10 --crops 3 --json
+    """
     from nlvid.engine.evaluate import evaluate_checkpoint, public_report
 
     def progress(event: str, **d: Any) -> None:

@@ -179,6 +179,8 @@ def train(
 ) -> None:
     """Train a video classifier; writes config.yaml, classes.txt, metrics.jsonl, last.pt and best.pt into --out.
 
+    Example: nlvid train my_videos/ --config tiny --out runs/tiny --set train.epochs=30
+
     Multi-GPU / multi-node: torchrun --nproc_per_node 8 -m nlvid train DATA --config c2d_r50_nl5 --out runs/x
     """
     from nlvid.config import load_config
