@@ -183,7 +183,7 @@ PYSLOWFAST_RULES: tuple[Rule, ...] = (
     Rule("s{s}.pathway0_res{i}.branch1_bn.{p}", "res{s}.blocks.{i}.downsample.1.{p}", {"p": _BN_PT}),
     Rule("s{s}.pathway0_nonlocal{i}.conv_{c}.{p}", "res{s}.nl.{i}.{c}.{p}", {"c": _NL_CONVS, "p": _WB_PT}),
     Rule("s{s}.pathway0_nonlocal{i}.bn.{p}", "res{s}.nl.{i}.bn.{p}", {"p": _BN_PT}),
-    # some PySlowFast versions name the NL norm `norm` ("TODO: change the name to `norm`"): import only
+    # some PySlowFast versions name the NL norm `norm` (their source plans that rename): import only
     Rule("s{s}.pathway0_nonlocal{i}.norm.{p}", "res{s}.nl.{i}.bn.{p}", {"p": _BN_PT}, export=False),
     Rule("head.projection.weight", "head.fc.weight", linear=True),
     Rule("head.projection.bias", "head.fc.bias"),
