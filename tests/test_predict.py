@@ -11,23 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from cli_helpers import run_cli  # tests/cli_helpers.py
+
 from nlvid.errors import CheckpointError
 from nlvid.viz.predict import predict_files, resolve_checkpoint
 
 CLASSES = ["alpha", "beta", "gamma"]
 BROKEN = {"corrupted.mp4", "missing.mp4", "text.mp4"}
-
-
-def run_cli(argv, capsys):
-    from nlvid.cli import main
-
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from cli_helpers import run_cli  # tests/cli_helpers.py
+
 from nlvid.viz import attention as A
 from nlvid.viz import render as R
-
-
-def run_cli(argv, capsys):
-    from nlvid.cli import main
-
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def make_checkpoint(path: Path, *, num_classes: int = 3, **model_kw) -> Path:

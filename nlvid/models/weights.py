@@ -30,6 +30,11 @@ def _first(keys: list[str], n: int = _SHOW) -> str:
     return ", ".join(keys[:n]) + more
 
 
+def _mismatch(groups: list[tuple[str, list[str]]]) -> str:
+    """'3 missing (a, b, c); 1 unexpected (d)': the non-empty groups, counted, with their first keys."""
+    return "; ".join(f"{len(keys)} {label} ({_first(keys)})" for label, keys in groups if keys)
+
+
 def load_state_dict_checked(model: nn.Module, state_dict: dict[str, Any], *,
                             ignore_missing: tuple[str, ...] = ()) -> None:
     """Strictly load `state_dict` into `model`; CheckpointError naming missing/unexpected/mis-shaped keys.
@@ -50,14 +55,8 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict[str, Any], *,
         elif tuple(v.shape) != tuple(own[k].shape):
             bad_shape.append(f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}")
     if missing or unexpected or bad_shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing ({_first(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected ({_first(unexpected)})")
-        if bad_shape:
-            parts.append(f"{len(bad_shape)} with a different shape ({_first(bad_shape)})")
-        raise CheckpointError("state dict does not fit the model: " + "; ".join(parts))
+        raise CheckpointError("state dict does not fit the model: " + _mismatch(
+            [("missing", missing), ("unexpected", unexpected), ("with a different shape", bad_shape)]))
     model.load_state_dict(state_dict, strict=not ignore_missing)
 
 
@@ -127,15 +126,10 @@ def inflate_torchvision(model: nn.Module, tv_state: dict[str, Any]) -> dict[str,
     backbone = [k for k in own if ".nl." not in k and not k.startswith("head.")]
     missing = [k for k in backbone if k not in new]
     if unexpected or bad or missing:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} model tensors not covered ({_first(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} torchvision tensors with no place in the model ({_first(unexpected)})")
-        if bad:
-            parts.append(f"{len(bad)} with a different shape ({_first(bad)})")
         depth = getattr(model, "depth", "?")
-        raise CheckpointError(f"torchvision weights do not fit this ResNet-{depth} model: " + "; ".join(parts))
+        raise CheckpointError(f"torchvision weights do not fit this ResNet-{depth} model: " + _mismatch(
+            [("model tensors not covered", missing), ("torchvision tensors with no place in the model", unexpected),
+             ("with a different shape", bad)]))
     merged = dict(own)
     merged.update(new)
     model.load_state_dict(merged, strict=True)
