@@ -92,6 +92,33 @@ def test_short_side_resize_in_decode(shared_videos):
     assert clip.shape == (4, 128, 170, 3)
 
 
+@pytest.mark.parametrize("name", ["R6llTwEh07w.mp4", "video_90.mov", "v_SoccerJuggling_g23_c01.avi"])
+def test_cached_reformatter_matches_pyav(shared_videos, name):
+    """_frame_to_rgb keeps one swscale context per thread (a speed-up); its pixels must equal PyAV's own
+    frame.to_ndarray for every size, including when the target size changes between calls."""
+    import av
+
+    from nlvid.data.decode import _frame_to_rgb
+
+    with av.open(str(shared_videos / name), metadata_errors="ignore") as c:
+        frames = [f for _, f in zip(range(4), c.decode(video=0))]
+    for short in (None, 96, 128, 96, 400):  # down, down, back to a size used before, up
+        for f in frames:
+            rot = int(round((f.rotation or 0) / 90)) % 4
+            if short is None:
+                want = f.to_ndarray(format="rgb24")
+            else:
+                dw, dh = (f.height, f.width) if rot % 2 else (f.width, f.height)
+                s = short / min(dw, dh)
+                tw, th = max(1, round(dw * s)), max(1, round(dh * s))
+                if rot % 2:
+                    tw, th = th, tw
+                want = f.to_ndarray(format="rgb24", width=tw, height=th, interpolation="AREA" if s < 1 else "BILINEAR")
+            want = np.rot90(want, k=rot) if rot else want
+            got = _frame_to_rgb(f, short)
+            assert got.shape == want.shape and np.array_equal(got, want), (name, short)
+
+
 def test_corrupted_partial(shared_videos):
     path = shared_videos / "corrupted.mp4"
     info = probe(path)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import threading
 import time
 from dataclasses import dataclass
 from fractions import Fraction
@@ -448,6 +449,23 @@ class _Video:
         return out, answered, error
 
 
+_local = threading.local()
+
+
+def _reformatter():
+    """This thread's PyAV VideoReformatter. `frame.to_ndarray(format=...)` builds a new swscale context on every
+    call (~2 ms for a 64 px frame when the size changes between calls, measured); one reformatter per thread keeps
+    its context (sws_getCachedContext) while the source/target sizes stay the same: ~0.05 ms, identical pixels.
+    Callers pass threads=1: swscale's default (0 = auto) starts a thread pool inside the context, and a context
+    inherited by a forked DataLoader worker then deadlocks on threads that do not exist in the child."""
+    r = getattr(_local, "reformatter", None)
+    if r is None:
+        from av.video.reformatter import VideoReformatter
+
+        r = _local.reformatter = VideoReformatter()
+    return r
+
+
 def _frame_to_rgb(frame, short_side: int | None) -> np.ndarray:
     """RGB uint8 (H, W, 3) as displayed: any pixel format, rotation applied, optional short-side resize."""
     rot = _rotation_of(frame)
@@ -459,9 +477,10 @@ def _frame_to_rgb(frame, short_side: int | None) -> np.ndarray:
         nw, nh = max(1, round(dw * scale)), max(1, round(dh * scale))
         tw, th = (nh, nw) if rot in (90, 270) else (nw, nh)
         interp = "AREA" if scale < 1 else "BILINEAR"
-        arr = frame.to_ndarray(format="rgb24", width=tw, height=th, interpolation=interp)
+        arr = _reformatter().reformat(frame, format="rgb24", width=tw, height=th, interpolation=interp,
+                                      threads=1).to_ndarray()
     else:
-        arr = frame.to_ndarray(format="rgb24")
+        arr = _reformatter().reformat(frame, format="rgb24", threads=1).to_ndarray()
     if rot:
         arr = np.ascontiguousarray(np.rot90(arr, k=rot // 90))
     return arr
