@@ -357,6 +357,21 @@ class _Video:
             cur = (t, frame)
             return next_w >= n
 
+        def drain(keep: int) -> str | None:
+            """Take frames out of the reordering window (smallest pts first) until `keep` remain, answering wanted
+            times with them. "overshot": the seek landed after t_min; "done": every time answered; else None."""
+            nonlocal first_time
+            while len(fifo) > keep:
+                t = float((heapq.heappop(pts_heap) - self.time_origin) * self.tb)
+                f = fifo.pop(0)
+                if first_time is None:
+                    first_time = t
+                    if seek and t > t_min + tol:
+                        return "overshot"
+                if process(t, f):
+                    return "done"
+            return None
+
         done = False
         try:
             for packet in self.container.demux(self.stream):
@@ -378,17 +393,11 @@ class _Video:
                     last_pts = p
                     heapq.heappush(pts_heap, p)
                     fifo.append(frame)
-                    while len(fifo) > _REORDER_WINDOW:
-                        t = float((heapq.heappop(pts_heap) - self.time_origin) * self.tb)
-                        f = fifo.pop(0)
-                        if first_time is None:
-                            first_time = t
-                            if seek and t > t_min + tol:
-                                return None
-                        if process(t, f):
-                            done = True
-                            break
-                    if done:
+                    state = drain(_REORDER_WINDOW)
+                    if state == "overshot":
+                        return None
+                    if state == "done":
+                        done = True
                         break
                     if decoded > budget:
                         error = f"decoded {decoded} frames without reaching t={t_max:.3f}s (frame budget)"
@@ -414,16 +423,10 @@ class _Video:
             except av.FFmpegError:
                 pass
         if not done:
-            while fifo:
-                t = float((heapq.heappop(pts_heap) - self.time_origin) * self.tb)
-                f = fifo.pop(0)
-                if first_time is None:
-                    first_time = t
-                    if seek and t > t_min + tol:
-                        return None
-                if process(t, f):
-                    done = True
-                    break
+            state = drain(0)
+            if state == "overshot":
+                return None
+            done = state == "done"
         if not done:
             if cur is None:
                 return out, answered, error or "no frames could be decoded"
