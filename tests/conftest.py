@@ -27,3 +27,25 @@ def shared_videos() -> Path:
     if not SHARED_VIDEOS.is_dir():
         pytest.fail(f"real test clips not found at {SHARED_VIDEOS} (../shared must sit beside the project)")
     return SHARED_VIDEOS
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    """A small synthetic long-range dataset (4 classes, 12 train + 4 val clips), built once per session."""
+    from nlvid.data import write_synthetic
+
+    root = tmp_path_factory.mktemp("engine_synth")
+    write_synthetic(root, classes=4, clips_per_class=4, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, synthetic_data) -> Path:
+    """A tiny NL model trained for a few epochs on `synthetic_data` (the run folder other tests evaluate)."""
+    from engine_settings import FAST, FIT  # tests/engine_settings.py
+    from nlvid.config import load_config
+    from nlvid.engine.train import train
+
+    out = tmp_path_factory.mktemp("engine_run")
+    train(load_config("tiny", FAST + FIT), data=synthetic_data, out=out, progress=None)
+    return out

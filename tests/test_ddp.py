@@ -23,7 +23,7 @@ import torch
 
 from nlvid.engine.checkpoint import load_checkpoint
 
-from test_train import FAST, synthetic_data  # noqa: F401  (session fixture, built once: see there)
+from engine_settings import FAST  # tests/engine_settings.py
 
 ROOT = Path(__file__).resolve().parents[1]
 

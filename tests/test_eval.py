@@ -1,5 +1,5 @@
 """Evaluation: multi-view averaging against a hand computation, report keys, class mapping, confusion PNG, and the
-`nlvid eval` command on a trained tiny checkpoint (fixtures from tests/test_train.py)."""
+`nlvid eval` command on a trained tiny checkpoint (fixtures from tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,6 @@ from nlvid.engine.evaluate import (
     write_predictions,
 )
 from nlvid.errors import CheckpointError
-
-from test_train import synthetic_data, trained_run  # noqa: F401  (session fixtures, built once: see there)
 
 
 def _softmax(row):

@@ -1,8 +1,7 @@
 """Training: schedule, sharding, checkpoints (atomic, RNG state, weights_only), a real tiny run (loss goes down,
 run folder), NaN handling, exact resume after SIGKILL, CLI exit codes.
 
-Session fixtures `synthetic_data` (a small synthetic long-range dataset) and `trained_run` (a tiny model trained
-on it) are reused by tests/test_eval.py (import them from here)."""
+Session fixtures `synthetic_data` and `trained_run` live in conftest.py; FAST / FIT in engine_settings.py."""
 
 from __future__ import annotations
 
@@ -34,39 +33,9 @@ from nlvid.engine.train import (
 )
 from nlvid.errors import ConfigError, TrainingError
 
+from engine_settings import FAST, FIT  # tests/engine_settings.py
+
 ROOT = Path(__file__).resolve().parents[1]
-
-# small and fast: 8 frames of 32 px (the synthetic clips are 64 px), 2 test views
-FAST = ["data.crop_size=32", "data.train_short_side=[32,36]", "data.test_short_side=32", "data.test_crop_size=32",
-        "data.num_clips=2", "data.num_crops=1", "data.num_workers=0", "train.log_every=1"]
-# fit 12 clips quickly (no augmentation noise, AdamW): the loss must clearly go down in 16 steps
-FIT = ["train.epochs=8", "train.batch_size=6", "model.dropout=0.0", "optim.optimizer=adamw", "optim.lr=0.003",
-       "optim.weight_decay=0.0", "data.flip=false", "data.train_short_side=[32,32]", "optim.warmup_epochs=0.5"]
-
-
-# Both fixtures live at fixed places under the session's base temp folder with a "done" marker, so that the
-# copies other test modules import (pytest makes one fixture per importing module) build them only once.
-@pytest.fixture(scope="session")
-def synthetic_data(tmp_path_factory) -> Path:
-    from nlvid.data import write_synthetic
-
-    root = tmp_path_factory.getbasetemp() / "engine_synth"
-    if not (root / ".done").exists():
-        write_synthetic(root, classes=4, clips_per_class=4, seed=0)  # 12 train + 4 val clips
-        (root / ".done").write_text("")
-    return root
-
-
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, synthetic_data) -> Path:
-    """A tiny NL model trained for a few epochs (the checkpoint other tests evaluate)."""
-    out = tmp_path_factory.getbasetemp() / "engine_run"
-    if not (out / ".done").exists():
-        cfg = load_config("tiny", FAST + FIT)
-        train(cfg, data=synthetic_data, out=out, progress=None)
-        (out / ".done").write_text("")
-    return out
-
 
 def _nlvid(*args, timeout=300, **kw):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))

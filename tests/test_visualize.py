@@ -284,40 +284,41 @@ def test_cli_visualize_errors(shared_videos, tiny_ckpt, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_trained_attention_links_the_two_objects(tmp_path):
-    """Tiny NL model trained on the synthetic long-range data (40 clips/class, the tiny config): a query on one
-    decisive object puts its top-10 keys on the other object more often than chance (chance 0.0557 at top-10).
-    Measured, trained with this test's setting (1 thread, no data workers), four runs: 3.54x, 2.72x, 1.34x chance
-    and one passing run of an earlier bound (training is not bit-reproducible across runs here; not
-    investigated); with 2 threads under load 2.79x and 1.40x; the same network at random init (seed 0) 2.72x.
-    The mapping lands keys on the other object far above chance at init; after training the tiny model, the
-    ratio stays above chance but varies widely and is often lower than at init. Bounds: the lowest measured
-    values with a margin."""
-    from nlvid.config import load_config
+    """The NL row of the small Table 2 (experiments/table2.py: tiny, 100 clips/class, 30 epochs AdamW, seeds 0-2):
+    after training, a query on one deciding object puts its top-10 keys on the other object more often than the
+    same network did at init (res3 block, held-out clips). Measured with these settings (experiments/
+    localisation.py on the Table 2 runs): trained 3.44 / 1.50 / 2.63 x chance, init 2.58 / 1.17 / 1.05 (means 2.52
+    vs 1.60); in this test's first run 2.27 / 4.14 / 2.14 vs the same inits (2.85 vs 1.60). The two differ because
+    the regenerated synthetic MP4s are not byte-identical (see nlvid/data/synthetic.py); on the same files training
+    is deterministic. Over the 12 trained spacetime runs of the table (4 instantiations x 3 seeds) trained > init
+    in 11. Bounds: mean trained >= 1.25 x mean init and every seed > 1.2x chance (measured 1.58x-1.78x, min 1.50)."""
+    from nlvid.config import load_config, model_kwargs
     from nlvid.data import write_synthetic
     from nlvid.engine.checkpoint import load_model
     from nlvid.engine.train import train
     from nlvid.models import create_model
 
     root = tmp_path / "synth"
-    write_synthetic(root, classes=4, clips_per_class=40, seed=0)
-    # one thread, no workers: the trained weights (and so the score) do not depend on the machine's load
-    cfg = load_config("tiny", ["model.num_classes=4", "data.num_workers=0"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        res = train(cfg, data=root, out=tmp_path / "run", progress=None)
-    finally:
-        torch.set_num_threads(threads)
-    model, _, cfg = load_model(res["best_path"])
-    d = cfg.data
-    kw = dict(num_frames=d.num_frames, stride=d.stride, short_side=d.test_short_side, mean=d.mean, std=d.std,
-              topk=10)
-    s = A.localization_score(model, root, **kw)
-    torch.manual_seed(0)
-    s0 = A.localization_score(create_model("tiny", num_classes=4), root, **kw)
-    assert s["num_queries"] > 200 and s["chance_rate"] == pytest.approx(s0["chance_rate"])
-    assert s["ratio"] > 1.15, (s, s0)
-    assert s0["ratio"] > 2.0, (s, s0)  # similar-looking objects get correlated embeddings even at random init
+    write_synthetic(root, classes=4, clips_per_class=100, seed=0)
+    trained, init = [], []
+    for seed in (0, 1, 2):
+        cfg = load_config("tiny", ["train.epochs=30", "train.eval_every=30", "optim.optimizer=adamw",
+                                   "optim.lr=0.002", f"train.seed={seed}"])
+        train(cfg, data=root, out=tmp_path / f"run{seed}", progress=None)
+        model, _, cfg = load_model(tmp_path / f"run{seed}" / "last.pt")
+        torch.manual_seed(seed)  # the engine seeds like this before building the network
+        model0 = create_model(cfg.model.name, **model_kwargs(cfg.model))
+        d = cfg.data
+        kw = dict(block="res3.nl.0", num_frames=d.num_frames, stride=d.stride, short_side=d.test_short_side,
+                  mean=d.mean, std=d.std, topk=10)
+        s, s0 = A.localization_score(model, root, **kw), A.localization_score(model0, root, **kw)
+        assert s["num_queries"] > 500 and s["chance_rate"] == pytest.approx(s0["chance_rate"])
+        trained.append(s["ratio"])
+        init.append(s0["ratio"])
+    report = f"trained {[round(r, 2) for r in trained]} vs init {[round(r, 2) for r in init]} x chance"
+    print(report)  # shown with pytest -s
+    assert sum(trained) >= 1.25 * sum(init), report
+    assert min(trained) > 1.2, report
 
 
 def test_center_view_maps_through_the_crop_box():
