@@ -2,8 +2,8 @@
 
 1. end-to-end `nlvid.engine.train.train` on a synthetic dataset (real MP4 decoding + augmentation): clips/s and the
    fraction of step time spent waiting for data, fp32 vs bf16 autocast;
-2. the model step alone (forward + backward + SGD on tensors already in memory), fp32 vs bf16 autocast;
-3. the data pipeline alone (decode + augmentation of every training clip, in this process).
+2. the model step alone (forward + backward + SGD on tensors already in memory), fp32 vs bf16 autocast.
+The data pipeline alone (one process) is measured by benchmarks/bench_decode.py ("Tiny model vs decoding").
 
     .venv/bin/python benchmarks/bench_train.py [--clips-per-class 24] [--epochs 3] [--workers 2]
 
@@ -43,24 +43,6 @@ def end_to_end(data: Path, out: Path, *, amp: str, epochs: int, workers: int, ba
     secs = sum(r["time"] for r in body)
     data_secs = sum(r["data_time"] for r in body)
     return {"clips_per_s": clips / secs, "data_fraction": data_secs / secs, "wall_s": wall, "steps": len(steps)}
-
-
-def data_only(data: Path, *, passes: int = 2) -> dict:
-    """The data pipeline alone in this process (no workers): decode + augment every training clip of the tiny config."""
-    from nlvid.config import load_config
-    from nlvid.data import VideoDataset, scan_dataset
-
-    d = load_config("tiny").data
-    items = scan_dataset(data / "train").items
-    ds = VideoDataset(items, train=True, num_frames=d.num_frames, stride=d.stride,
-                      train_short_side=tuple(d.train_short_side), crop_size=d.crop_size)
-    ds.load(0)  # warm-up
-    t0 = time.perf_counter()
-    for epoch in range(passes):
-        for i in range(len(ds)):
-            ds.load(i, epoch)
-    secs = time.perf_counter() - t0
-    return {"clips_per_s": passes * len(ds) / secs, "ms_per_clip": 1000 * secs / (passes * len(ds))}
 
 
 def model_only(*, amp: str, batch: int, iters: int, size: int, frames: int) -> dict:
@@ -115,7 +97,6 @@ def main() -> None:
                            batch=args.batch)
             m = model_only(amp=amp, batch=args.batch, iters=args.iters, size=size, frames=frames)
             rows.append((amp, r, m))
-        dat = data_only(tmp / "data")
     t = Table(title=f"tiny config training, {frames}x{size}x{size} clips, batch {args.batch}, "
                     f"{torch.get_num_threads()} threads, data workers {args.workers}")
     for col in ("autocast", "end-to-end clips/s", "waiting for data", "model-only clips/s", "model step (s)"):
@@ -126,8 +107,6 @@ def main() -> None:
     con = Console()
     con.print(t)
     (_, r32, m32), (_, r16, m16) = rows
-    con.print(f"data pipeline alone (1 process, no workers): {dat['clips_per_s']:.0f} clips/s "
-              f"({dat['ms_per_clip']:.1f} ms per clip: decode + scale jitter + crop + flip + normalise)")
     con.print(f"bf16 / fp32 speed: end-to-end {r16['clips_per_s'] / r32['clips_per_s']:.2f}x, "
               f"model-only {m16['clips_per_s'] / m32['clips_per_s']:.2f}x")
 
