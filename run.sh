@@ -43,7 +43,7 @@ run_tests() {
 }
 
 case "${1:-}" in
-  demo) shift; ensure_env; exec "$VENV/bin/python" -m nlvid.demo "$@" ;;
+  demo) shift; ensure_env; exec "$VENV/bin/python" scripts/demo.py "$@" ;;
   test) shift; ensure_env; run_tests "$@" ;;
   *) echo "usage: bash run.sh demo|test [args]" >&2; exit 2 ;;
 esac

@@ -35,7 +35,8 @@ def main() -> None:
     import torch
 
     from nlvid.config import model_kwargs
-    from nlvid.engine.checkpoint import load_checkpoint, load_model
+    from nlvid.checkpoint import load_checkpoint
+    from nlvid.models import load_model
     from nlvid.models import create_model
     from nlvid.viz import attention as A
 

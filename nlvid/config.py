@@ -13,6 +13,7 @@ Config sources accepted wherever a config is asked for:
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,87 @@ import yaml
 from nlvid.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+# ------------------------------------------------------------------------------------------------ choices
+# Every option with a fixed set of values is one str Enum here, at the bottom layer, so the config checks it on
+# load, models/engine/data compare against it, and the CLI offers it as a choice: one list, one wording.
+
+
+class Choice(str, enum.Enum):
+    """A str Enum of allowed values: members compare equal to their plain strings (YAML and JSON keep strings)."""
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+    @classmethod
+    def check(cls, key: str, value: Any) -> str:
+        """`value` as a plain str if allowed, else ConfigError "<key>: 'x' is not one of a, b, c"."""
+        if isinstance(value, enum.Enum):
+            value = value.value
+        if not isinstance(value, str) or value not in cls.values():
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(cls.values())}")
+        return value
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Instantiation(Choice):
+    """The pairwise function f of the NL block (paper section 3.2)."""
+
+    GAUSSIAN = "gaussian"
+    EMBEDDED_GAUSSIAN = "embedded_gaussian"
+    DOT_PRODUCT = "dot_product"
+    CONCATENATION = "concatenation"
+
+
+class PoolPosition(Choice):
+    """Where the NL block max-pools keys/values: on its input (official code) or after phi/g (paper text, mmcv)."""
+
+    INPUT = "input"
+    AFTER = "after"
+
+
+class Mode(Choice):
+    """Which positions an NL query attends to: all (spacetime), its own frame (space), its own pixel (time)."""
+
+    SPACETIME = "spacetime"
+    SPACE = "space"
+    TIME = "time"
+
+
+class Norm(Choice):
+    """NL output normalisation: BN with gamma zero-initialised, or none (W_z zero-initialised)."""
+
+    BN = "bn"
+    NONE = "none"
+
+
+class OnError(Choice):
+    """What a dataset does with an unreadable video: list it and leave it out, or stop."""
+
+    SKIP = "skip"
+    FAIL = "fail"
+
+
+class Optimizer(Choice):
+    SGD = "sgd"
+    ADAMW = "adamw"
+
+
+class Schedule(Choice):
+    COSINE = "cosine"
+    STEP = "step"
+
+
+class Amp(Choice):
+    """Autocast dtype for training/eval; fp16 only on CUDA (with a grad scaler)."""
+
+    NONE = "none"
+    BF16 = "bf16"
+    FP16 = "fp16"
 
 
 @dataclass
@@ -107,17 +189,17 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# Values with a fixed set of choices; checked after every merge.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.layout": ("8x8", "32x2", "mmaction2"),
-    "model.instantiation": ("gaussian", "embedded_gaussian", "dot_product", "concatenation"),
-    "model.pool_position": ("input", "after"),
-    "model.mode": ("spacetime", "space", "time"),
-    "model.norm": ("bn", "none"),
-    "data.on_error": ("skip", "fail"),
-    "optim.optimizer": ("sgd", "adamw"),
-    "optim.schedule": ("cosine", "step"),
-    "train.amp": ("none", "bf16", "fp16"),
+# Values with a fixed set of choices; checked after every merge. `model.layout` is checked by
+# `nlvid.models.create_model` against the layout tables it owns (variants are data there).
+CHOICES: dict[str, type[Choice]] = {
+    "model.instantiation": Instantiation,
+    "model.pool_position": PoolPosition,
+    "model.mode": Mode,
+    "model.norm": Norm,
+    "data.on_error": OnError,
+    "optim.optimizer": Optimizer,
+    "optim.schedule": Schedule,
+    "train.amp": Amp,
 }
 
 
@@ -191,11 +273,11 @@ def _merge(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
 
 
 def _check_choices(cfg: Config) -> None:
-    for dotted, allowed in CHOICES.items():
+    for dotted, choice in CHOICES.items():
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
-        if value is not None and value not in allowed:
-            raise ConfigError(f"config key '{dotted}': {value!r} is not one of {', '.join(allowed)}")
+        if value is not None:
+            choice.check(f"config key '{dotted}'", value)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -236,8 +318,14 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_config(source: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Resolve a config: defaults <- (YAML file | bundled config | model preset) <- `--set` overrides."""
+def load_config(source: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                model_names: typing.Collection[str] = ()) -> Config:
+    """Resolve a config: defaults <- (YAML file | bundled config | model preset) <- `--set` overrides.
+
+    A `source` that is neither a file nor a bundled config is taken as a model preset name; `model_names`
+    (`nlvid.models.list_models()`, passed in because models sit above this layer) lets an unknown name fail here
+    with the list of configs. Without it the name is checked when the model is built.
+    """
     cfg = Config()
     if source is not None:
         src = str(source)
@@ -249,9 +337,7 @@ def load_config(source: str | Path | None = None, overrides: list[str] | tuple[s
         elif (CONFIG_DIR / f"{src}.yaml").exists():
             _merge(cfg, read_yaml(CONFIG_DIR / f"{src}.yaml"))
         else:
-            from nlvid.models import list_models
-
-            if src not in list_models():
+            if model_names and src not in model_names:
                 raise ConfigError(
                     f"unknown config or model {src!r}; bundled configs: {', '.join(bundled_configs())}; "
                     f"models: see `nlvid build --help` (e.g. c2d_r50_nl5, i3d_r50_nl5, tiny)"
@@ -285,3 +371,20 @@ def model_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
             value = tuple(value)
         out[f.name] = value
     return out
+
+
+def train_data_kwargs(data: DataConfig) -> dict[str, Any]:
+    """The keyword arguments of a training `nlvid.data.VideoDataset` (train=True) from the data section."""
+    return dict(num_frames=data.num_frames, stride=data.stride, train_short_side=tuple(data.train_short_side),
+                crop_size=data.crop_size, flip=data.flip, mean=tuple(data.mean), std=tuple(data.std))
+
+
+def test_data_kwargs(data: DataConfig, *, num_clips: int | None = None, num_crops: int | None = None
+                     ) -> dict[str, Any]:
+    """The test-time preprocessing of eval, predict and visualize from the data section (clips/crops overridable):
+    the keyword arguments of a test `VideoDataset` and of `nlvid.engine.predict.predict_files`."""
+    return dict(num_frames=data.num_frames, stride=data.stride, test_short_side=data.test_short_side,
+                test_crop_size=data.test_crop_size,
+                num_clips=data.num_clips if num_clips is None else num_clips,
+                num_crops=data.num_crops if num_crops is None else num_crops,
+                mean=tuple(data.mean), std=tuple(data.std))

@@ -9,19 +9,27 @@ from pathlib import Path
 
 
 class NlvidError(Exception):
-    """Base class: a message a user can act on, without a traceback."""
+    """Base class: a message a user can act on, without a traceback.
+
+    `key`: the config key the message is about (e.g. "train.device"), when there is one. Library code names
+    config keys; the CLI adds the command-line flag that sets the key.
+    """
 
     exit_code = 1
 
+    def __init__(self, *args, key: str | None = None):
+        super().__init__(*args)
+        self.key = key
 
-class ConfigError(NlvidError):
-    """Unknown key, bad type or value, unknown model name, impossible shape."""
+
+class ConfigError(NlvidError, ValueError):
+    """Unknown key, bad type or value, unknown model name, impossible shape (also a ValueError for library users)."""
 
     exit_code = 2
 
 
 class DatasetError(NlvidError):
-    """A dataset folder or annotation list that cannot be used."""
+    """A dataset folder or annotation list that cannot be used, or one with no readable video."""
 
     exit_code = 1
 

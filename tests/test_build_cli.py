@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 from nlvid.cli import main
-from nlvid.engine.checkpoint import load_model
+from nlvid.models import load_model
 from nlvid.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nlvid.engine.checkpoint import load_checkpoint
+from nlvid.checkpoint import load_checkpoint
 
 from engine_settings import FAST  # tests/engine_settings.py
 

@@ -19,9 +19,9 @@ from nlvid.engine.evaluate import (
     collect_scores,
     match_classes,
     merge_scores,
-    render_confusion_png,
     write_predictions,
 )
+from nlvid.viz.confusion import render_confusion_png
 from nlvid.errors import CheckpointError
 
 
@@ -154,7 +154,7 @@ def test_eval_refuses_other_classes(trained_run, synthetic_data, tmp_path):
 
 
 def test_eval_refuses_other_architecture_and_corrupt_file(trained_run, synthetic_data, tmp_path):
-    from nlvid.engine.checkpoint import load_checkpoint, save_checkpoint
+    from nlvid.checkpoint import load_checkpoint, save_checkpoint
 
     ck = load_checkpoint(trained_run / "best.pt")
     cfg = dict(ck["config"])

@@ -1,4 +1,4 @@
-"""nlvid.viz.predict and `nlvid predict`: multi-view averaging, batching, per-file errors, JSON, checkpoints."""
+"""nlvid.engine.predict and `nlvid predict`: multi-view averaging, batching, per-file errors, JSON, checkpoints."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import torch
 from cli_helpers import run_cli  # tests/cli_helpers.py
 
 from nlvid.errors import CheckpointError
-from nlvid.viz.predict import predict_files, resolve_checkpoint
+from nlvid.cli.common import resolve_checkpoint
+from nlvid.engine.predict import predict_files
 
 CLASSES = ["alpha", "beta", "gamma"]
 BROKEN = {"corrupted.mp4", "missing.mp4", "text.mp4"}
@@ -23,7 +24,8 @@ BROKEN = {"corrupted.mp4", "missing.mp4", "text.mp4"}
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from nlvid.config import load_config
-    from nlvid.engine.checkpoint import load_model, save_checkpoint
+    from nlvid.checkpoint import save_checkpoint
+    from nlvid.models import load_model
     from nlvid.models import create_model
 
     cfg = load_config("tiny", ["model.num_classes=3"])
@@ -38,9 +40,9 @@ def tiny(tmp_path_factory):
 
 
 def _settings(cfg, **kw):
-    from nlvid.viz.predict import data_settings
+    from nlvid.config import test_data_kwargs
 
-    return data_settings(cfg, **kw)
+    return test_data_kwargs(cfg.data, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import torch
 
 from nlvid.config import load_config
 from nlvid.engine import distributed as distr
-from nlvid.engine.checkpoint import load_checkpoint, save_checkpoint
+from nlvid.checkpoint import load_checkpoint, save_checkpoint
 from nlvid.engine.train import (
     build_optimizer,
     lr_factor,

@@ -18,7 +18,7 @@ from nlvid.viz import render as R
 
 def make_checkpoint(path: Path, *, num_classes: int = 3, **model_kw) -> Path:
     from nlvid.config import load_config
-    from nlvid.engine.checkpoint import save_checkpoint
+    from nlvid.checkpoint import save_checkpoint
     from nlvid.models import create_model
 
     cfg = load_config("tiny")
@@ -294,7 +294,7 @@ def test_trained_attention_links_the_two_objects(tmp_path):
     in 11. Bounds: mean trained >= 1.25 x mean init and every seed > 1.2x chance (measured 1.58x-1.78x, min 1.50)."""
     from nlvid.config import load_config, model_kwargs
     from nlvid.data import write_synthetic
-    from nlvid.engine.checkpoint import load_model
+    from nlvid.models import load_model
     from nlvid.engine.train import train
     from nlvid.models import create_model
 

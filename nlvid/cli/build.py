@@ -7,15 +7,18 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.table import Table
 
+from nlvid.checkpoint import save_checkpoint
 from nlvid.cli.common import JsonOption, SetOption, err_console, out_console
+from nlvid.config import load_config
+from nlvid.errors import ConfigError
+from nlvid.models import build_with_init, list_models, summarize
+from nlvid.models.convert import EXPORTERS
+from nlvid.models.summary import format_bytes, format_count
 
 
 def _table(name: str, summary: dict, classes: int):
-    from rich.table import Table
-
-    from nlvid.models.summary import format_bytes, format_count
-
     c, t, h, w = summary["input"]
     title = f"{name}  input {c}x{t}x{h}x{w}  ({classes} classes)"
     table = Table(title=title, title_justify="left",
@@ -86,12 +89,6 @@ def build(
 
       nlvid build c2d_r50_nl5 --init imagenet=resnet50.pth --classes 10 --out c2d.pt
     """
-    from nlvid.config import load_config
-    from nlvid.engine.checkpoint import save_checkpoint
-    from nlvid.errors import ConfigError
-    from nlvid.models.summary import summarize
-    from nlvid.models.weights import build_with_init
-
     overrides = list(set_ or [])
     if layout is not None:
         overrides.append(f"model.layout={layout}")
@@ -103,7 +100,7 @@ def build(
         raise ConfigError(f"--classes {classes}: must be a positive integer")
     if export is not None and "=" not in export:
         raise ConfigError(f"--export {export!r}: expected FORMAT=FILE, e.g. pyslowfast=model.pyth")
-    cfg = load_config(model, overrides)
+    cfg = load_config(model, overrides, model_names=list_models())
     net, model_cfg, class_names, report = build_with_init(cfg.model, init, num_classes=classes)
     cfg.model = model_cfg
     T, S = cfg.data.num_frames, cfg.data.crop_size
@@ -112,10 +109,6 @@ def build(
         err_console.print(line, highlight=False, markup=False, soft_wrap=True)
 
     if export is not None:
-        try:
-            from nlvid.models.convert import EXPORTERS
-        except ImportError:
-            EXPORTERS = {}
         fmt, path = export.split("=", 1)
         if fmt not in EXPORTERS:
             raise ConfigError(f"--export: unknown format {fmt!r}; allowed: {', '.join(sorted(EXPORTERS)) or 'none'}")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+
+from nlvid.errors import CheckpointError
 
 # Results on stdout, progress/logs/errors on stderr.
 out_console = Console(soft_wrap=True)
@@ -17,8 +21,23 @@ SetOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 
+CHECKPOINT_ENV = "NLVID_CHECKPOINT"
 
-def not_available(command: str) -> None:
-    from nlvid.errors import NlvidError
 
-    raise NlvidError(f"`nlvid {command}` is not available yet in this version")
+def resolve_checkpoint(path: str | Path | None, *, runs: str | Path = "runs") -> Path:
+    """The checkpoint a command uses: --checkpoint, else $NLVID_CHECKPOINT, else the newest `best.pt` under
+    ./runs/; else a CheckpointError saying how to get one."""
+    if path:
+        return Path(path)
+    env = os.environ.get(CHECKPOINT_ENV)
+    if env:
+        return Path(env)
+    runs = Path(runs)
+    found = sorted(runs.rglob("best.pt"), key=lambda p: p.stat().st_mtime) if runs.is_dir() else []
+    if found:
+        return found[-1]
+    raise CheckpointError(
+        f"no checkpoint given: pass --checkpoint FILE, set {CHECKPOINT_ENV}, or create one with "
+        f"`nlvid train DATA --config tiny --out runs/NAME` (writes runs/NAME/best.pt) or "
+        f"`nlvid build PRESET --init FORMAT=FILE --out model.pt`"
+    )

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.table import Table
 
 from nlvid.cli.common import JsonOption, err_console, out_console
+from nlvid.data import format_scan_table
+from nlvid.engine.evaluate import evaluate_checkpoint, public_report, write_report
+from nlvid.viz.confusion import render_confusion_png
+
+
+def pct(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
 
 def report_tables(report: dict[str, Any]):
-    from rich.table import Table
-
-    from nlvid.engine.evaluate import format_percent as pct
-
     summary = Table(title=f"{report['num_videos']} videos, {report['num_clips']} clips x {report['num_crops']} "
                           f"crops per video", title_justify="left")
     for col in ("video top-1", f"video top-{report['topk']}", "clip top-1", "mean class acc"):
@@ -50,18 +55,18 @@ def evaluate(
 
     Example: nlvid eval runs/tiny/best.pt my_videos/ --clips 10 --crops 3 --json
     """
-    from nlvid.engine.evaluate import evaluate_checkpoint, public_report
-
     def progress(event: str, **d: Any) -> None:
         if event == "scan" and not json_:
-            from nlvid.data import format_scan_table
-
             err_console.print(format_scan_table(d["index"]))
         elif event == "eval_start":
             err_console.print(f"evaluating {d['num_videos']} videos x {d['views']} views ...", highlight=False)
 
     report = evaluate_checkpoint(checkpoint, data, clips=clips, crops=crops, batch_size=batch_size,
                                  num_workers=workers, device=device, out=out, progress=progress)
+    out_dir = Path(report["out_dir"])
+    report["confusion_png"] = str(render_confusion_png(report["confusion_matrix"], report["classes"],
+                                                       out_dir / "confusion.png"))
+    write_report(report, out_dir / "report.json")
     for note in report["notes"]:
         err_console.print(note, highlight=False)
     if json_:

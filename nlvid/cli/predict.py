@@ -8,7 +8,11 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from nlvid.cli.common import JsonOption, err_console, out_console
+from nlvid.cli.common import JsonOption, err_console, out_console, resolve_checkpoint
+from nlvid.config import test_data_kwargs
+from nlvid.engine.device import resolve_device
+from nlvid.engine.predict import predict_files
+from nlvid.models import load_model
 
 CheckpointOption = Annotated[
     Optional[Path],
@@ -60,13 +64,10 @@ def predict(
 
     Example: nlvid predict a.mp4 b.mkv --checkpoint runs/tiny/best.pt --json
     """
-    from nlvid.engine.checkpoint import load_model
-    from nlvid.viz.predict import data_settings, pick_device, predict_files, resolve_checkpoint
-
     path = resolve_checkpoint(checkpoint)
-    dev = pick_device(device)
+    dev = resolve_device(device)
     model, classes, cfg = load_model(path, device=dev)
-    settings = data_settings(cfg, num_clips=num_clips, num_crops=num_crops)
+    settings = test_data_kwargs(cfg.data, num_clips=num_clips, num_crops=num_crops)
 
     def run(progress=None):
         return predict_files(model, classes, clips, topk=topk, segments=segments, batch_size=batch_size,

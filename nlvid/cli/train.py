@@ -9,6 +9,12 @@ from typing import Annotated, Any, Optional
 import typer
 
 from nlvid.cli.common import SetOption, err_console, out_console
+from nlvid.config import load_config
+from nlvid.data import format_scan_table
+from nlvid.engine.distributed import env_info
+from nlvid.engine.train import train as run_train
+from nlvid.errors import ConfigError
+from nlvid.models import list_models
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -183,18 +189,13 @@ def train(
 
     Multi-GPU / multi-node: torchrun --nproc_per_node 8 -m nlvid train DATA --config c2d_r50_nl5 --out runs/x
     """
-    from nlvid.config import load_config
-    from nlvid.engine.distributed import env_info
-    from nlvid.engine.train import train as run_train
-    from nlvid.errors import ConfigError
-
     resuming = resume or (out is not None and (out / "last.pt").exists())
     if resume and out is None:
         raise ConfigError("--resume needs --out RUN_DIR (the run folder to continue)")
     if resuming and config is None and not set_:
         cfg = None
     else:
-        cfg = load_config(config or "tiny", set_ or [])
+        cfg = load_config(config or "tiny", set_ or [], model_names=list_models())
     if out is None:
         name = Path(config).stem if config else "tiny"
         out = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"

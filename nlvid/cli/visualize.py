@@ -9,7 +9,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from nlvid.cli.common import JsonOption, err_console, out_console
+from nlvid.cli.common import JsonOption, err_console, out_console, resolve_checkpoint
+from nlvid.engine.device import resolve_device
+from nlvid.models import load_model
+from nlvid.viz.attention import attend_clip, read_clip_indexed, resolve_blocks
 from nlvid.cli.predict import CheckpointOption
 from nlvid.errors import ConfigError
 
@@ -57,15 +60,12 @@ def visualize(
 
     Example: nlvid visualize clip.mp4 --checkpoint runs/tiny/best.pt --out viz/
     """
-    from nlvid.engine.checkpoint import load_model
-    from nlvid.viz.attention import attend_clip, read_clip_indexed, resolve_blocks
-    from nlvid.viz.predict import pick_device, resolve_checkpoint
 
     if view not in ("full", "center"):
         raise ConfigError(f"--view {view!r}: allowed: full, center")
     placed = [parse_query(q) for q in query] if query else None
     path = resolve_checkpoint(checkpoint)
-    dev = pick_device(device)
+    dev = resolve_device(device)
     model, classes, cfg = load_model(path, device=dev)
     names = resolve_blocks(model, block)
     if not clip.exists():

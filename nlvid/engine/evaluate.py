@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nlvid.errors import CheckpointError, ConfigError
+from nlvid.config import test_data_kwargs
+from nlvid.data import VideoDataset, make_loader, resolve_splits, scan_dataset
+from nlvid.engine.device import autocast_context, resolve_device
+from nlvid.errors import CheckpointError, ConfigError, DatasetError
+from nlvid.models import load_model
 
 Progress = Callable[..., None]
 
@@ -30,16 +32,6 @@ Progress = Callable[..., None]
 def average_views(view_logits: torch.Tensor) -> torch.Tensor:
     """(B, V, K) logits of V views per video -> (B, K) video scores: the mean of the per-view softmax (paper 5)."""
     return F.softmax(view_logits.float(), dim=-1).mean(dim=1)
-
-
-def autocast_context(device: torch.device, amp: str):
-    if amp == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise ConfigError("train.amp 'fp16' needs a CUDA device; use 'bf16' (or 'none') on the CPU")
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
-    return nullcontext()
 
 
 @torch.no_grad()
@@ -206,8 +198,6 @@ def evaluate(
     """
     loader = data
     if isinstance(data, torch.utils.data.Dataset):
-        from nlvid.data import make_loader
-
         views = max(1, int(getattr(data, "num_clips", 1)) * int(getattr(data, "num_crops", 1)))
         loader = make_loader(data, batch_size=max(1, batch_size // views), shuffle=False,
                              num_workers=num_workers, seed=0)
@@ -252,63 +242,6 @@ def match_classes(model_classes: Sequence[str], data_classes: Sequence[str], *, 
 # ------------------------------------------------------------------------------------------ outputs
 
 
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one fixed-size bitmap font
-        return ImageFont.load_default()
-
-
-def render_confusion_png(cm: np.ndarray | list, classes: Sequence[str], path: str | Path, *,
-                         title: str = "confusion matrix (rows: true class, columns: predicted)") -> Path:
-    """Draw a row-normalised confusion matrix with class names and counts; PIL only."""
-    from PIL import Image, ImageDraw
-
-    cm = np.asarray(cm, dtype=np.int64)
-    k = len(classes)
-    names = [c if len(c) <= 28 else c[:26] + ".." for c in classes]
-    cell = max(18, min(48, 900 // max(k, 1)))
-    fsize = max(9, min(14, cell - 6))
-    font, small = _font(fsize), _font(max(8, fsize - 3))
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = max(int(probe.textlength(n, font=font)) for n in names) + 12 if k else 40
-    top = label_w + 30
-    left = label_w
-    w, h = left + k * cell + 20, top + k * cell + 40
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    d.text((8, 6), title, fill="black", font=small)
-    rows = cm.sum(axis=1, keepdims=True).clip(min=1)
-    norm = cm / rows
-    for i in range(k):
-        for j in range(k):
-            v = float(norm[i, j])
-            shade = int(255 - 200 * v)
-            color = (shade, shade, 255) if i != j else (shade, 255, shade)
-            x0, y0 = left + j * cell, top + i * cell
-            d.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=color, outline=(200, 200, 200))
-            if cm[i, j] and cell >= 18:
-                txt = str(int(cm[i, j]))
-                tw = probe.textlength(txt, font=small)
-                d.text((x0 + (cell - tw) / 2, y0 + cell / 2 - fsize / 2), txt, fill="black", font=small)
-        tw = probe.textlength(names[i], font=font)
-        d.text((left - tw - 6, top + i * cell + cell / 2 - fsize / 2), names[i], fill="black", font=font)
-    # column labels: drawn horizontally on a strip, rotated 90 degrees, pasted above the grid
-    strip = Image.new("RGB", (label_w + 10, k * cell if k else 1), "white")
-    sd = ImageDraw.Draw(strip)
-    for j in range(k):
-        # rotate(90) is counter-clockwise: strip y becomes image x, so class j sits at y = j * cell
-        sd.text((4, j * cell + cell / 2 - fsize / 2), names[j], fill="black", font=font)
-    img.paste(strip.rotate(90, expand=True), (left, top - label_w - 10))
-    d.text((left, top + k * cell + 8), "predicted ->", fill="gray", font=small)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
-
-
 def write_predictions(report: dict[str, Any], path: str | Path) -> Path:
     """One CSV row per video: path, label, prediction, its score, correct, top-5 (classes separated by '|')."""
     path = Path(path)
@@ -325,6 +258,14 @@ def write_predictions(report: dict[str, Any], path: str | Path) -> Path:
 def public_report(report: dict[str, Any]) -> dict[str, Any]:
     """The report without the per-video list (what `nlvid eval --json` prints; predictions go to a file)."""
     return {k: v for k, v in report.items() if k != "predictions"}
+
+
+def write_report(report: dict[str, Any], path: str | Path) -> Path:
+    """`public_report(report)` as JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(public_report(report), indent=2))
+    return path
 
 
 # ------------------------------------------------------------------------------------------ checkpoint + folder
@@ -344,11 +285,8 @@ def evaluate_checkpoint(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """`nlvid eval`: load a checkpoint, pick the split (DATA/val if it exists), check classes, multi-view test,
-    write `confusion.png` and `predictions.csv` (and `report.json`) into `out`. Returns the report (with
-    `notes`, `out_dir`, `predictions_file`, `confusion_png`)."""
-    from nlvid.data import VideoDataset, resolve_splits, scan_dataset
-    from nlvid.engine.checkpoint import load_model
-
+    write `predictions.csv` into `out`. Returns the report (with `notes`, `out_dir`, `predictions_file`); the
+    caller draws the confusion matrix (`nlvid.viz.confusion`) and saves the report (`write_report`)."""
     checkpoint = Path(checkpoint)
     dev = resolve_device(device)
     model, model_classes, cfg = load_model(checkpoint, device=dev)
@@ -371,12 +309,9 @@ def evaluate_checkpoint(
     if note:
         notes.append(note)
     if not index.items:
-        raise ConfigError(f"{source}: no readable videos to evaluate")
-    ds = VideoDataset(
-        index.items, train=False, num_frames=d.num_frames, stride=d.stride, test_short_side=d.test_short_side,
-        test_crop_size=d.test_crop_size, num_clips=clips, num_crops=crops, mean=tuple(d.mean), std=tuple(d.std),
-        on_error=d.on_error, seed=cfg.train.seed,
-    )
+        raise DatasetError(f"{source}: no readable videos to evaluate")
+    ds = VideoDataset(index.items, train=False, **test_data_kwargs(d, num_clips=clips, num_crops=crops),
+                      on_error=d.on_error, seed=cfg.train.seed)
     if progress is not None:
         progress("eval_start", num_videos=len(ds), views=clips * crops)
     report = evaluate(
@@ -393,22 +328,4 @@ def evaluate_checkpoint(
     report["unreadable"] = [[str(p), r] for p, r in getattr(index, "unreadable", [])]
     report["out_dir"] = str(out_dir)
     report["predictions_file"] = str(write_predictions(report, out_dir / "predictions.csv"))
-    report["confusion_png"] = str(render_confusion_png(report["confusion_matrix"], model_classes,
-                                                       out_dir / "confusion.png"))
-    (out_dir / "report.json").write_text(json.dumps(public_report(report), indent=2))
     return report
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} asked for, but CUDA is not available; use --set train.device=cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"device {device!r} is not valid; use auto, cpu, cuda or cuda:N") from None
-
-
-def format_percent(x: float | None) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"

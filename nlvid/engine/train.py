@@ -29,17 +29,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from nlvid.config import Config, config_from_dict, model_kwargs
+from nlvid.checkpoint import load_checkpoint, save_checkpoint
+from nlvid.config import Config, config_from_dict, model_kwargs, test_data_kwargs, train_data_kwargs
+from nlvid.data import VideoDataset, make_loader, resolve_splits, scan_dataset
 from nlvid.engine import distributed as distr
-from nlvid.engine.checkpoint import load_checkpoint, save_checkpoint
-from nlvid.engine.evaluate import (
-    autocast_context,
-    build_report,
-    collect_scores,
-    merge_scores,
-    resolve_device,
-)
-from nlvid.errors import CheckpointError, ConfigError, TrainingError
+from nlvid.engine.device import autocast_context, resolve_device
+from nlvid.engine.evaluate import build_report, collect_scores, merge_scores
+from nlvid.errors import CheckpointError, ConfigError, DatasetError, TrainingError
+from nlvid.models import build_with_init, create_model, load_state_dict_checked
 
 Progress = Callable[..., None]
 
@@ -214,16 +211,10 @@ def _cfg_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[st
 
 
 def _scan(source: Any, *, classes: list[str] | None, on_error: str, progress: Progress, split: str, main: bool):
-    from nlvid.data import scan_dataset
-
     index = scan_dataset(source, classes=classes, on_error=on_error)
     if main:
         progress("scan", split=split, index=index)
     return index
-
-
-def default_run_dir(cfg_name: str) -> Path:
-    return Path("runs") / f"{cfg_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _noop(event: str, **data: Any) -> None:
@@ -241,7 +232,7 @@ def train(
     out: str | Path,
     resume: bool = False,
     init: str | None = None,
-    progress: Progress | bool | None = True,
+    progress: Progress | None = None,
     hooks: dict[str, Callable[..., Any]] | None = None,
 ) -> dict[str, Any]:
     """Train a model on `data` (folder per class, a root with train/ and val/, or an annotation list).
@@ -249,14 +240,10 @@ def train(
     Writes into `out`: config.yaml, classes.txt, metrics.jsonl, last.pt, best.pt. Resumes when `resume` is set or
     `out/last.pt` exists (then `cfg` may be None: the run's stored config is used; of a given `cfg` only the keys
     in RESUME_MUTABLE are taken). `init` = "FORMAT=PATH" initial weights (nlvid.models.build_with_init).
-    `progress`: a callback `fn(event, **data)`; True = the stderr reporter of `nlvid.cli.train`; None/False = silent.
+    `progress`: a callback `fn(event, **data)` (the CLI's reporter prints it on stderr); None = silent.
     `hooks` (tests): {"after_backward": fn(model, loss, step)}.
     Returns {best_acc, best_metric, best_epoch, last_path, best_path, run_dir, epochs, steps, final: {...}}.
     """
-    if progress is True:
-        from nlvid.cli.train import make_reporter
-
-        progress = make_reporter()
     progress = progress or _noop
     hooks = hooks or {}
     out = Path(out)
@@ -306,15 +293,13 @@ def train(
         torch.backends.cudnn.benchmark = True
 
     # ---------------------------------------------------------------- data
-    from nlvid.data import VideoDataset, make_loader, resolve_splits
-
     train_src, val_src = resolve_splits(data, val)
     stored_classes = list(ckpt["classes"]) if ckpt is not None else None
     tindex = _scan(train_src, classes=stored_classes, on_error=dc.on_error, progress=progress, split="train",
                    main=main)
     classes = list(tindex.classes)
     if not tindex.items:
-        raise ConfigError(f"{train_src}: no readable training videos")
+        raise DatasetError(f"{train_src}: no readable training videos")
     vindex = None
     if val_src is not None:
         vindex = _scan(val_src, classes=classes, on_error=dc.on_error, progress=progress, split="val", main=main)
@@ -324,37 +309,23 @@ def train(
     if ckpt is None and cfg.model.num_classes != len(classes):
         cfg.model.num_classes = len(classes)
 
-    train_ds = VideoDataset(
-        tindex.items, train=True, num_frames=dc.num_frames, stride=dc.stride,
-        train_short_side=tuple(dc.train_short_side), crop_size=dc.crop_size, flip=dc.flip, mean=tuple(dc.mean),
-        std=tuple(dc.std), on_error=dc.on_error, seed=tc.seed,
-    )
+    train_ds = VideoDataset(tindex.items, train=True, **train_data_kwargs(dc), on_error=dc.on_error, seed=tc.seed)
     val_ds = None
     if vindex is not None:
-        val_ds = VideoDataset(
-            vindex.items, train=False, num_frames=dc.num_frames, stride=dc.stride,
-            test_short_side=dc.test_short_side, test_crop_size=dc.test_crop_size, num_clips=dc.num_clips,
-            num_crops=dc.num_crops, mean=tuple(dc.mean), std=tuple(dc.std), on_error=dc.on_error, seed=tc.seed,
-        )
+        val_ds = VideoDataset(vindex.items, train=False, **test_data_kwargs(dc), on_error=dc.on_error, seed=tc.seed)
 
     # ---------------------------------------------------------------- model
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     np.random.seed(tc.seed % 2**32)
-    from nlvid.models import create_model
-
     init_lines: list[str] = []
     if ckpt is None and init:
-        from nlvid.models import build_with_init
-
         model, new_model_cfg, init_classes, init_lines = build_with_init(cfg.model, init, num_classes=len(classes))
         cfg.model = new_model_cfg
         cfg.model.num_classes = len(classes)
     else:
         model = create_model(cfg.model.name, **model_kwargs(cfg.model))
     if ckpt is not None:
-        from nlvid.models import load_state_dict_checked
-
         try:
             load_state_dict_checked(model, ckpt["model"])
         except (CheckpointError, ConfigError) as e:
@@ -634,8 +605,6 @@ class _EpochShard:
 
 def _evaluate_split(model, dataset, classes, *, device, amp, batch_size, workers, info, progress):
     """Multi-view validation; under DDP each process takes a slice of the videos and the scores are gathered."""
-    from nlvid.data import make_loader
-
     n = len(dataset)
     views = max(1, dataset.num_clips * dataset.num_crops) if hasattr(dataset, "num_clips") else 1
     mine = list(range(info.rank, n, info.world_size)) if info.enabled else list(range(n))

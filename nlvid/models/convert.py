@@ -46,8 +46,11 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from nlvid.checkpoint import atomic_save, first_line, read_torch_file, require_file
 from nlvid.config import ModelConfig, model_kwargs
 from nlvid.errors import CheckpointError, ConfigError
+from nlvid.models.presets import PRESETS, create_model, list_models
+from nlvid.models.resnet3d import ARCHS, LAYOUTS, STAGE_DEPTHS, temporal_kernels
 
 BN_EPS = 1e-5  # nlvid's BatchNorm3d eps (resnet3d._bn, NonLocalBlock.bn); Caffe2 used 1.0000001e-5
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
@@ -270,50 +273,8 @@ def _as_tensor(value: Any, key: str, path: Path) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _require_file(path: Path) -> None:
-    if not path.exists():
-        raise CheckpointError(f"{path}: file not found")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a folder; give the checkpoint file")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    # torch's weights_only error puts the refused global on a line of its own: show that one
-    for ln in lines:
-        if "Unsupported global" in ln or "Unsupported operand" in ln:
-            return ln[:240]
-    return (lines[0] if lines else e.__class__.__name__)[:240]
-
-
-def _numpy_data_globals() -> list[Any]:
-    """numpy array/scalar reconstruction for torch's weights_only unpickler (data only; e.g. MMAction2's `meta`
-    may hold numpy scalars), under both the numpy 2 (`numpy._core`) and numpy 1 (`numpy.core`) names."""
-    core = getattr(np, "_core", None) or np.core
-    dtypes = {type(np.dtype(t)) for t in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "b1")}
-    return [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype, *sorted(dtypes, key=str),
-            (core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
-            (core.multiarray.scalar, "numpy.core.multiarray.scalar")]
-
-
 def _torch_load(path: Path, fmt: str) -> Any:
-    _require_file(path)
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            if "numpy" not in str(e) or not hasattr(torch.serialization, "safe_globals"):
-                raise
-            with torch.serialization.safe_globals(_numpy_data_globals()):  # still weights_only: data, no code
-                return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: refused to unpickle ({_first_line(e)}); nlvid reads {fmt} checkpoints with "
-            "torch.load(weights_only=True), which allows tensors, numpy data and plain containers only"
-        ) from None
-    except Exception as e:  # truncated zip, not a torch file, ...
-        raise CheckpointError(f"{path}: not a readable {fmt} checkpoint: {_first_line(e)}") from None
+    return read_torch_file(path, what=f"{fmt} checkpoint")
 
 
 def _numpy_global(name: str) -> Callable[[], Any]:
@@ -365,14 +326,14 @@ class _Caffe2Unpickler(pickle.Unpickler):
 def read_caffe2_pickle(path: str | Path) -> dict[str, Any]:
     """Read a Caffe2 `.pkl` ({'blobs': {...}} or the blobs dict itself) safely; returns name -> value."""
     path = Path(path)
-    _require_file(path)
+    require_file(path, "checkpoint")
     try:
         with open(path, "rb") as f:
             obj = _Caffe2Unpickler(f, path).load()
     except CheckpointError:
         raise
     except Exception as e:  # truncated file, not a pickle, bad array data
-        raise CheckpointError(f"{path}: not a readable Caffe2 .pkl: {_first_line(e)}") from None
+        raise CheckpointError(f"{path}: not a readable Caffe2 .pkl: {first_line(e)}") from None
     if isinstance(obj, dict) and "blobs" in obj and isinstance(obj["blobs"], dict):
         obj = obj["blobs"]
     if not isinstance(obj, dict):
@@ -499,19 +460,13 @@ def _set(cfg: ModelConfig, changes: dict[str, Any], report: list[str], *, forced
 
 
 def _preset_args(name: str) -> dict[str, Any]:
-    from nlvid.models.presets import PRESETS
-
     if name not in PRESETS:
-        from nlvid.models.presets import list_models
-
         raise ConfigError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     return PRESETS[name]
 
 
 def _arch_hint(sd: dict[str, torch.Tensor], depths: tuple[int, ...], name: str) -> str:
     """Which architecture (c2d / i3d / i3d333) the file's temporal kernel sizes match, as a preset suggestion."""
-    from nlvid.models.resnet3d import ARCHS, STAGE_DEPTHS, temporal_kernels
-
     stem_kt = sd["stem.conv.weight"].shape[2] if "stem.conv.weight" in sd else None
     file_kts = []
     for s, n in zip(("res2", "res3", "res4", "res5"), depths):
@@ -531,8 +486,6 @@ def _arch_hint(sd: dict[str, torch.Tensor], depths: tuple[int, ...], name: str) 
 
 def _check_against_model(sd: dict[str, torch.Tensor], cfg: ModelConfig, path: Path) -> None:
     """Build the model `cfg` describes on the meta device and compare names and shapes (clear errors early)."""
-    from nlvid.models.presets import create_model
-
     with torch.device("meta"):
         model = create_model(cfg.name, **model_kwargs(cfg))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -697,8 +650,6 @@ _MMACTION2_STEM = dict(stem_stride=(2, 2, 2), pool1_kernel=(1, 3, 3), pool1_stri
 
 def _mmaction2_layout() -> str | None:
     """An nlvid layout with MMAction2's stem geometry, if the backbone table has one."""
-    from nlvid.models.resnet3d import LAYOUTS
-
     for name, spec in LAYOUTS.items():
         if all(tuple(spec.get(k, ())) == v for k, v in _MMACTION2_STEM.items()):
             return name
@@ -795,8 +746,6 @@ def export_pyslowfast(model_state_dict: dict[str, torch.Tensor], path: str | Pat
     """Write a PySlowFast-loadable `.pyth` ({"model_state": ...}; load it with TEST.CHECKPOINT_FILE_PATH or
     TRAIN.CHECKPOINT_FILE_PATH, CHECKPOINT_TYPE pytorch). No "epoch"/"optimizer_state": PySlowFast then loads only
     the weights. Returns report lines."""
-    from nlvid.engine.checkpoint import atomic_save
-
     path = Path(path)
     sd = dict(model_state_dict)
     report: list[str] = []

@@ -59,22 +59,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nlvid.config import Choice, Instantiation, Mode, Norm, PoolPosition
 from nlvid.errors import ConfigError
 
-INSTANTIATIONS = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
-POOL_POSITIONS = ("input", "after")
-MODES = ("spacetime", "space", "time")
-NORMS = ("bn", "none")
-IMPLS = ("auto", "explicit", "fast")
+
+class Impl(Choice):
+    """Which code path computes the block: the fused fast path when it applies (auto), or always one of them."""
+
+    AUTO = "auto"
+    EXPLICIT = "explicit"
+    FAST = "fast"
+
 
 # Concatenation chunks queries so one chunk's (G, rows, n') affinity stays below this many floats (64 MiB fp32).
 _CONCAT_CHUNK_ELEMS = 1 << 24
-
-
-def _choice(name: str, value, allowed: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in allowed:
-        raise ConfigError(f"NonLocalBlock: {name}={value!r} is not allowed; use one of {', '.join(allowed)}")
-    return value
 
 
 def _positive_int(name: str, value) -> int:
@@ -226,11 +224,11 @@ class NonLocalBlock(nn.Module):
         super().__init__()
         self.dim_in = _positive_int("dim_in", dim_in)
         self.dim_inner = _positive_int("dim_inner", dim_in // 2 if dim_inner is None and dim_in >= 2 else dim_inner)
-        self.instantiation = _choice("instantiation", instantiation, INSTANTIATIONS)
-        self.pool_position = _choice("pool_position", pool_position, POOL_POSITIONS)
-        self.mode = _choice("mode", mode, MODES)
-        self.norm = _choice("norm", norm, NORMS)
-        self.impl = _choice("impl", impl, IMPLS)
+        self.instantiation = Instantiation.check("NonLocalBlock instantiation", instantiation)
+        self.pool_position = PoolPosition.check("NonLocalBlock pool_position", pool_position)
+        self.mode = Mode.check("NonLocalBlock mode", mode)
+        self.norm = Norm.check("NonLocalBlock norm", norm)
+        self.impl = Impl.check("NonLocalBlock impl", impl)
         if pool_size is None:
             pool_size = (1, 1, 1)
         try:

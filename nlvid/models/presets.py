@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from nlvid.config import Choice, Instantiation, Mode, Norm, PoolPosition
 from nlvid.errors import ConfigError
 from nlvid.models.resnet3d import LAYOUTS, ResNet3d
 
@@ -54,11 +55,12 @@ for _name, _base in _BASES.items():
 PRESETS["tiny"] = dict(arch="c2d", depth=18, stage_depths=(1, 1, 1, 1), width=16,
                        nonlocal_blocks={"res3": [0], "res4": [0]})
 
-NL_CHOICES: dict[str, tuple[Any, ...]] = {
-    "instantiation": ("gaussian", "embedded_gaussian", "dot_product", "concatenation"),
-    "pool_position": ("input", "after"),
-    "mode": ("spacetime", "space", "time"),
-    "norm": ("bn", "none"),
+# Checked here as well as in each NonLocalBlock so that a preset without NL blocks still refuses a bad value.
+NL_CHOICES: dict[str, type[Choice]] = {
+    "instantiation": Instantiation,
+    "pool_position": PoolPosition,
+    "mode": Mode,
+    "norm": Norm,
 }
 
 
@@ -69,8 +71,7 @@ def list_models() -> list[str]:
 
 def _check_nl_option(key: str, value: Any) -> Any:
     if key in NL_CHOICES:
-        if value not in NL_CHOICES[key]:
-            raise ConfigError(f"model.{key}: {value!r} is not one of {', '.join(NL_CHOICES[key])}")
+        value = NL_CHOICES[key].check(f"model.{key}", value)
     elif key == "scale":
         if not isinstance(value, bool):
             raise ConfigError(f"model.scale: expected true or false, got {value!r}")

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nlvid.errors import ConfigError
+from nlvid.models.nonlocal_block import NonLocalBlock
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data tables
@@ -486,8 +487,6 @@ class ResNet3d(nn.Module):
 
 
 def _make_nonlocal(dim: int, kwargs: dict[str, Any]) -> nn.Module:
-    from nlvid.models.nonlocal_block import NonLocalBlock  # written in parallel; imported only when needed
-
     return NonLocalBlock(dim, None, **kwargs)
 
 

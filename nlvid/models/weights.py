@@ -20,7 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from nlvid.checkpoint import load_checkpoint, read_torch_file
+from nlvid.config import Config, ModelConfig, config_from_dict, model_kwargs
 from nlvid.errors import CheckpointError, ConfigError
+from nlvid.models.convert import IMPORTERS
+from nlvid.models.presets import create_model
 
 _SHOW = 5  # keys shown per category in error messages
 
@@ -149,16 +153,8 @@ def inflate_torchvision(model: nn.Module, tv_state: dict[str, Any]) -> dict[str,
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _importers() -> dict[str, Any]:
-    try:
-        from nlvid.models.convert import IMPORTERS  # written in parallel; optional until it lands
-    except ImportError:
-        return {}
-    return dict(IMPORTERS)
-
-
 def init_formats() -> list[str]:
-    return ["imagenet", "nlvid", *sorted(_importers())]
+    return ["imagenet", "nlvid", *sorted(IMPORTERS)]
 
 
 def parse_init(init: str) -> tuple[str, Path]:
@@ -176,22 +172,9 @@ def parse_init(init: str) -> tuple[str, Path]:
     return fmt, Path(path)
 
 
-def _load_torch_file(path: Path) -> Any:
-    if not path.exists():
-        raise CheckpointError(f"{path}: weights file not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # many kinds: UnpicklingError, RuntimeError, EOFError, zipfile errors
-        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
-        raise CheckpointError(f"{path}: not a readable torch weights file: {first[:200]}") from None
-
-
 def _fit_classes(model_cfg, state_dict: dict[str, Any], classes: list[str] | None, num_classes: int | None,
                  report: list[str]):
     """Build the model for imported weights; re-initialise the classifier when the class count differs."""
-    from nlvid.config import model_kwargs
-    from nlvid.models.presets import create_model
-
     fc = state_dict.get("head.fc.weight")
     have = int(fc.shape[0]) if isinstance(fc, torch.Tensor) else None
     want = num_classes if num_classes is not None else (have if have is not None else model_cfg.num_classes)
@@ -218,9 +201,6 @@ def build_with_init(model_cfg, init: str | None = None, *, num_classes: int | No
     of `nlvid.models.convert` (they may adjust the model config, e.g. the layout the weights were trained with).
     When the weights' class count differs from `num_classes`, the classifier is re-initialised with a message.
     """
-    from nlvid.config import model_kwargs
-    from nlvid.models.presets import create_model
-
     model_cfg = copy.deepcopy(model_cfg)
     if init is None:
         if num_classes is not None:
@@ -232,12 +212,9 @@ def build_with_init(model_cfg, init: str | None = None, *, num_classes: int | No
         if num_classes is not None:
             model_cfg.num_classes = num_classes
         model = create_model(model_cfg.name, **model_kwargs(model_cfg))
-        result = inflate_torchvision(model, _load_torch_file(path))
+        result = inflate_torchvision(model, read_torch_file(path, what="weights file"))
         return model, model_cfg, None, [f"{path}: " + result["lines"][0], *result["lines"][1:]]
     if fmt == "nlvid":
-        from nlvid.config import config_from_dict
-        from nlvid.engine.checkpoint import load_checkpoint
-
         ckpt = load_checkpoint(path)
         stored = config_from_dict(ckpt["config"]).model
         report.append(f"{path}: nlvid checkpoint of model {stored.name!r} ({len(ckpt['classes'])} classes)")
@@ -246,7 +223,7 @@ def build_with_init(model_cfg, init: str | None = None, *, num_classes: int | No
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
         return model, model_cfg, classes, report
-    importer = _importers()[fmt]
+    importer = IMPORTERS[fmt]
     res = importer(path, model_cfg)
     report.extend(res.report or [])
     try:
@@ -255,3 +232,30 @@ def build_with_init(model_cfg, init: str | None = None, *, num_classes: int | No
     except CheckpointError as e:
         raise CheckpointError(f"{path} ({fmt}): {e}") from None
     return model, new_cfg, classes, report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# nlvid checkpoints -> models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], *, path: str | Path = "<checkpoint>") -> nn.Module:
+    """Build the model described by a checkpoint's config and load its weights (strict, with a key report)."""
+    try:
+        cfg = config_from_dict(ckpt["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its stored config is not valid for this nlvid version: {e}") from None
+    model = create_model(cfg.model.name, **model_kwargs(cfg.model))
+    try:
+        load_state_dict_checked(model, ckpt["model"])
+    except (CheckpointError, ConfigError) as e:
+        raise CheckpointError(f"{path}: weights do not fit model {cfg.model.name!r}: {e}") from None
+    return model
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, list[str], Config]:
+    """-> (model in eval mode on `device`, class names, Config). The one way commands open a checkpoint."""
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt, path=path)
+    model.to(device).eval()
+    return model, list(ckpt["classes"]), config_from_dict(ckpt["config"])

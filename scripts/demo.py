@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the repository (scripts/..)
 REAL_CLIP = ROOT.parent / "shared" / "data" / "videos" / "arm_wrestling_demo.mp4"
 
 

@@ -1,7 +1,7 @@
 """Predictions for video files: multi-view averaging like `nlvid eval`, several files batched, per-file errors.
 
 Views: `num_clips` clips evenly spaced over the video (`nlvid.data.sampling.uniform_starts`) x `num_crops` crops
-(`nlvid.data.test_views`); the softmax scores of all views are averaged (spec section 5). With `segments=S`, the
+(`nlvid.data.test_views`); the softmax scores of all views are averaged (paper section 5). With `segments=S`, the
 video is also cut into windows [0, S), [S, 2S), ...: one clip centred in each window (x the crops) gives that
 window's top label. All clips of one file are decoded in one pass (`nlvid.data.decode.read_clips`); files are
 decoded by a small thread pool (PyAV releases the GIL) while the model runs on full batches of views.
@@ -14,7 +14,6 @@ NOT used (a prediction from a truncated stream would look as trustworthy as any 
 from __future__ import annotations
 
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -23,35 +22,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from nlvid.errors import CheckpointError, NlvidError
-
-CHECKPOINT_ENV = "NLVID_CHECKPOINT"
-
-
-def resolve_checkpoint(path: str | Path | None, *, runs: str | Path = "runs") -> Path:
-    """--checkpoint, else $NLVID_CHECKPOINT, else the newest `best.pt` under ./runs/; else a CheckpointError
-    saying how to get one."""
-    if path:
-        return Path(path)
-    env = os.environ.get(CHECKPOINT_ENV)
-    if env:
-        return Path(env)
-    runs = Path(runs)
-    found = sorted(runs.rglob("best.pt"), key=lambda p: p.stat().st_mtime) if runs.is_dir() else []
-    if found:
-        return found[-1]
-    raise CheckpointError(
-        f"no checkpoint given: pass --checkpoint FILE, set {CHECKPOINT_ENV}, or create one with "
-        f"`nlvid train DATA --config tiny --out runs/NAME` (writes runs/NAME/best.pt) or "
-        f"`nlvid build PRESET --init FORMAT=FILE --out model.pt`"
-    )
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
+from nlvid.data import probe, test_views
+from nlvid.data.decode import read_clips
+from nlvid.data.sampling import clip_span, uniform_starts
+from nlvid.engine.device import resolve_device
+from nlvid.errors import ConfigError, NlvidError
 
 @dataclass
 class _Decoded:
@@ -81,10 +56,6 @@ def _decode_one(
     std: Sequence[float],
     segments: float | None,
 ) -> _Decoded:
-    from nlvid.data import probe, test_views
-    from nlvid.data.decode import read_clips
-    from nlvid.data.sampling import clip_span, uniform_starts
-
     try:
         if not path.exists():
             raise NlvidError(f"{path}: file not found")
@@ -157,8 +128,8 @@ def predict_files(
     stride: int,
     num_clips: int = 10,
     num_crops: int = 3,
-    short_side: int = 256,
-    crop_size: int = 256,
+    test_short_side: int = 256,
+    test_crop_size: int = 256,
     mean: Sequence[float] = (0.45, 0.45, 0.45),
     std: Sequence[float] = (0.225, 0.225, 0.225),
     topk: int = 5,
@@ -172,15 +143,13 @@ def predict_files(
     [{"file", "error"}]; with `segments` (seconds) each result also has "segments": [{"start", "end", "label",
     "prob"}]. `progress(done, total, file)` is called after each file."""
     if segments is not None and segments <= 0:
-        from nlvid.errors import ConfigError
-
-        raise ConfigError(f"--segments {segments}: must be a positive number of seconds")
+        raise ConfigError(f"segments={segments}: must be a positive number of seconds", key="segments")
     paths = [Path(p) for p in paths]
-    device = torch.device(device)
+    device = resolve_device(device)
     model.eval()
     decode = partial(
         _decode_one, num_frames=num_frames, stride=stride, num_clips=num_clips, num_crops=num_crops,
-        short_side=short_side, crop_size=crop_size, mean=mean, std=std, segments=segments,
+        short_side=test_short_side, crop_size=test_crop_size, mean=mean, std=std, segments=segments,
     )
     results: list[dict[str, Any] | None] = [None] * len(paths)
     sums: dict[int, dict[int, torch.Tensor]] = {}  # file -> owner (-1 whole, k segment) -> summed probs
@@ -238,18 +207,3 @@ def predict_files(
         batch, queue = queue[:batch_size], queue[batch_size:]
         run(batch)
     return [r for r in results if r is not None]
-
-
-def data_settings(cfg: Any, *, num_clips: int | None = None, num_crops: int | None = None) -> dict[str, Any]:
-    """predict_files keyword arguments from a checkpoint's Config (its data section), with CLI overrides."""
-    d = cfg.data
-    return dict(
-        num_frames=d.num_frames,
-        stride=d.stride,
-        num_clips=num_clips if num_clips is not None else d.num_clips,
-        num_crops=num_crops if num_crops is not None else d.num_crops,
-        short_side=d.test_short_side,
-        crop_size=d.test_crop_size,
-        mean=list(d.mean),
-        std=list(d.std),
-    )
