@@ -2,6 +2,7 @@
 # nlvid's two commands:
 #   bash run.sh demo   install nlvid into ./.venv (once), then synth data -> train -> eval -> predict -> visualize
 #   bash run.sh test   install (once), then run the test suite (what .ci/run calls)
+#   bash run.sh lint   install (once), then check the import-layer contract (lint-imports; .ci/run calls it)
 # Idempotent: the install is redone only when pyproject.toml changes.
 # NLVID_TORCH overrides the torch pin (default: the release these machines carry on disk).
 set -euo pipefail
@@ -31,7 +32,7 @@ ensure_env() {
 
 run_tests() {
   local rc=0
-  "$VENV/bin/python" -m pytest -q -m "not slow" "$@" || rc=$?
+  "$VENV/bin/python" -m pytest -q "$@" || rc=$?  # pyproject's addopts deselect the slow tests
   if [ "$rc" -eq 5 ]; then echo "[run.sh] no tests were collected: that is a failure" >&2; exit 1; fi
   [ "$rc" -eq 0 ] || exit "$rc"
   if [ "${CI:-}" = "true" ] || [ "${NLVID_SLOW:-0}" = "1" ]; then
@@ -45,5 +46,6 @@ run_tests() {
 case "${1:-}" in
   demo) shift; ensure_env; exec "$VENV/bin/python" scripts/demo.py "$@" ;;
   test) shift; ensure_env; run_tests "$@" ;;
-  *) echo "usage: bash run.sh demo|test [args]" >&2; exit 2 ;;
+  lint) shift; ensure_env; exec "$VENV/bin/lint-imports" "$@" ;;
+  *) echo "usage: bash run.sh demo|test|lint [args]" >&2; exit 2 ;;
 esac

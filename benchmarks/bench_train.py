@@ -8,8 +8,7 @@ The data pipeline alone (one process) is measured by benchmarks/bench_decode.py 
     .venv/bin/python benchmarks/bench_train.py [--clips-per-class 24] [--epochs 3] [--workers 2]
 
 Prints a table and the bf16/fp32 ratios. Timings on a shared machine are noisy: compare ratios within one run.
-Defaults until 2026-11-25 were 8 clips/class x 2 epochs with 0 workers: 8 steps, too few for a stable number
-(end-to-end varied 72-126 clips/s between back-to-back runs); now 36 steps with the tiny config's 2 workers.
+The defaults (36 steps with the tiny config's 2 workers) are the fewest that give a stable end-to-end number here.
 """
 
 from __future__ import annotations

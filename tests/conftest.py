@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,12 +15,14 @@ SHARED_VIDEOS = ROOT.parent / "shared" / "data" / "videos"
 
 @pytest.fixture(autouse=True)
 def _restore_rng():
-    """Tests may seed freely; nobody leaks RNG state into the next test."""
+    """Tests may seed freely; nobody leaks RNG state (torch, random, numpy) into the next test."""
     torch_state = torch.get_rng_state()
     py_state = random.getstate()
+    np_state = np.random.get_state()
     yield
     torch.set_rng_state(torch_state)
     random.setstate(py_state)
+    np.random.set_state(np_state)
 
 
 @pytest.fixture(scope="session")

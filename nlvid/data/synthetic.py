@@ -20,17 +20,13 @@ stays at chance on held-out clips, with NL blocks it learns the relation.
 
 Sampling for the tiny config: num_frames 8, stride 2 covers the whole clip (frames 0/1, 2/3, ... 14/15), so the
 first and the last objects are both seen. The frames and annotations are deterministic from the seed (numpy Generator
-per clip); the MP4 bytes are not quite: in two generations of the same set ~5% of the files (7-18 of 200-400) encode
-slightly differently (pixels off by up to 18 levels), although every clip's frames are identical and x264 runs
-single-threaded; the same clip encoded 20 times in a row gives identical bytes, and so do 40 clips generated first
-and then encoded 3 times; generating and encoding in turn (as here) makes 2-5 of 40 clips differ between passes.
-Cause not found, probably memory the encoder reads without initialising (tried without effect: RGB->YUV outside the
-encoder single-threaded, zeroed row padding of the YUV planes, x264 lookahead-threads=1). So training runs on
-regenerated data are not bit-identical; on the same files they are (three trainings of one seed: same weights).
+per clip). The MP4 bytes are not: a few percent of the files of two generations of the same set encode slightly
+differently (the frames given to x264 are identical), so training on regenerated data is not bit-identical to
+training on the same files (which is).
 
 Output (`write_synthetic`): root/train/<class>/*.mp4, root/val/<class>/*.mp4 (a held-out quarter per class) and
-root/annotations.json (format in the team contract: per clip the two label-deciding objects with their frame range
-[t0, t1] inclusive and pixel box [x0, y0, x1, y1] (x1, y1 exclusive) covering the object over those frames).
+root/annotations.json (per clip the two label-deciding objects with their frame range [t0, t1] inclusive and pixel
+box [x0, y0, x1, y1] (x1, y1 exclusive) covering the object over those frames).
 """
 
 from __future__ import annotations

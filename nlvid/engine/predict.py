@@ -1,7 +1,7 @@
 """Predictions for video files: multi-view averaging like `nlvid eval`, several files batched, per-file errors.
 
 Views: `num_clips` clips evenly spaced over the video (`nlvid.data.sampling.uniform_starts`) x `num_crops` crops
-(`nlvid.data.test_views`); the softmax scores of all views are averaged (paper section 5). With `segments=S`, the
+(`nlvid.data.test_views`); the softmax scores of all views are averaged (paper section 4, inference). With `segments=S`, the
 video is also cut into windows [0, S), [S, 2S), ...: one clip centred in each window (x the crops) gives that
 window's top label. All clips of one file are decoded in one pass (`nlvid.data.decode.read_clips`); files are
 decoded by a small thread pool (PyAV releases the GIL) while the model runs on full batches of views.

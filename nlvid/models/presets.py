@@ -4,7 +4,7 @@ A preset is a one-line dict of `ResNet3d` arguments. Name scheme: `{arch}_r{dept
     c2d_r18/34/50/101      C2D (every kernel 1xkxk)
     i3d_r50/101            I3D_3x1x1 (the paper's NL I3D; official inflation pattern)
     i3d333_r50/101         I3D_3x3x3 (paper Table 2e)
-    _nl1 / _nl5 / _nl10    NL placements of the paper (spec section 3), see `NL_PLACEMENTS`
+    _nl1 / _nl5 / _nl10    NL placements of the paper (Table 2c), see `NL_PLACEMENTS`
     tiny                   an NL C2D that trains on a 2-core CPU in seconds at 8 frames x 64 px
 
 R18/R34 placements (not in the paper; the same rules applied to their stage depths):
