@@ -52,60 +52,24 @@ class Choice(str, enum.Enum):
         return self.value
 
 
-class Instantiation(Choice):
-    """The pairwise function f of the NL block (paper section 3.2)."""
-
-    GAUSSIAN = "gaussian"
-    EMBEDDED_GAUSSIAN = "embedded_gaussian"
-    DOT_PRODUCT = "dot_product"
-    CONCATENATION = "concatenation"
+def _choice(name: str, *values: str) -> type[Choice]:
+    """A Choice subclass with members NAME = "name" for each value (`Amp.BF16 == "bf16"`)."""
+    return Choice(name, {v.upper(): v for v in values})  # type: ignore[return-value]
 
 
-class PoolPosition(Choice):
-    """Where the NL block max-pools keys/values: on its input (official code) or after phi/g (paper text, mmcv)."""
-
-    INPUT = "input"
-    AFTER = "after"
-
-
-class Mode(Choice):
-    """Which positions an NL query attends to: all (spacetime), its own frame (space), its own pixel (time)."""
-
-    SPACETIME = "spacetime"
-    SPACE = "space"
-    TIME = "time"
-
-
-class Norm(Choice):
-    """NL output normalisation: BN with gamma zero-initialised, or none (W_z zero-initialised)."""
-
-    BN = "bn"
-    NONE = "none"
-
-
-class OnError(Choice):
-    """What a dataset does with an unreadable video: list it and leave it out, or stop."""
-
-    SKIP = "skip"
-    FAIL = "fail"
-
-
-class Optimizer(Choice):
-    SGD = "sgd"
-    ADAMW = "adamw"
-
-
-class Schedule(Choice):
-    COSINE = "cosine"
-    STEP = "step"
-
-
-class Amp(Choice):
-    """Autocast dtype for training/eval; fp16 only on CUDA (with a grad scaler)."""
-
-    NONE = "none"
-    BF16 = "bf16"
-    FP16 = "fp16"
+# The NL block: pairwise function f (paper 3.2); where keys/values are max-pooled (on the input, as the official
+# code, or after phi/g, as the paper text and mmcv); which positions a query sees; output normalisation (BN with
+# gamma zero-initialised, or none with W_z zero-initialised).
+Instantiation = _choice("Instantiation", "gaussian", "embedded_gaussian", "dot_product", "concatenation")
+PoolPosition = _choice("PoolPosition", "input", "after")
+Mode = _choice("Mode", "spacetime", "space", "time")
+Norm = _choice("Norm", "bn", "none")
+# Unreadable videos in a dataset: list them and leave them out, or stop.
+OnError = _choice("OnError", "skip", "fail")
+Optimizer = _choice("Optimizer", "sgd", "adamw")
+Schedule = _choice("Schedule", "cosine", "step")
+# Autocast dtype for training and evaluation; fp16 only on CUDA (with a grad scaler).
+Amp = _choice("Amp", "none", "bf16", "fp16")
 
 
 @dataclass
