@@ -4,6 +4,7 @@ transforms and test views."""
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shutil
 import stat
@@ -215,16 +216,17 @@ def test_test_items_views(data_copy):
     assert torch.equal(d[0][0], views)  # no randomness at test time
 
 
-def test_failing_video_skip_and_fail(data_copy, tmp_path, capsys):
+def test_failing_video_skip_and_fail(data_copy, tmp_path, caplog):
     items = scan_dataset(data_copy).items
     broken = tmp_path / "gone.mp4"
     broken.write_bytes(b"")
     bad_items = items[:2] + [(broken, 1)] + items[2:4]
     d = _train_ds(bad_items, on_error="skip")
-    clip, label, index = d[2]
+    with caplog.at_level(logging.WARNING, logger="nlvid.data.dataset"):
+        clip, label, index = d[2]
     assert index == 3 and label == bad_items[3][1]  # next item substituted, deterministically
     assert torch.equal(clip, d.load(3, 0))
-    err = capsys.readouterr().err
+    err = "\n".join(r.getMessage() for r in caplog.records)
     assert "gone.mp4" in err and "warning" in err
     assert len(d.failures) == 1
     with pytest.raises(DecodeError, match="gone.mp4"):

@@ -23,8 +23,8 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -37,7 +37,7 @@ import torch
 
 from nlvid.data import decode as _decode
 from nlvid.data.decode import VideoInfo, probe
-from nlvid.data.sampling import clip_indices, item_rng, random_start, uniform_starts
+from nlvid.data.sampling import clip_indices, epoch_order, item_rng, random_start, uniform_starts
 from nlvid.data.transforms import MEAN, STD, random_short_side, test_views, train_transform
 from nlvid.errors import DatasetError, DecodeError
 
@@ -49,6 +49,8 @@ CACHE_NAME = ".nlvid_scan.json"
 _CACHE_VERSION = 1
 _HEADER_WORDS = {"path", "video", "file", "filename", "video_path", "clip", "name", "label", "class", "class_name",
                  "category", "target", "label_id", "youtube_id"}
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------------- splits
@@ -392,9 +394,10 @@ class VideoDataset(torch.utils.data.Dataset):
 
     Train item: (clip float32 (3, T, crop, crop), label, index). Test item: (views float32
     (num_clips * num_crops, 3, T, S, S), label, index), views ordered clip-major (clip 0 crops 0..K-1, clip 1, ...).
-    `index` is the item actually returned: when a video fails with on_error="skip" a warning naming it goes to
-    stderr and the next readable item (index + 1, + 2, ... wrapping) is returned in its place. Failures are
-    counted in `self.failures` (per process: with worker processes each worker counts its own).
+    `index` is the item actually returned: when a video fails with on_error="skip" a warning naming it is logged
+    (logger `nlvid.data.dataset`, in the process that loads the item) and the next readable item (index + 1, + 2,
+    ... wrapping) is returned in its place. Failures are counted in `self.failures` (per process: with worker
+    processes each worker counts its own).
     Item keys may be an int or (index, epoch) (make_loader sends the latter).
     """
 
@@ -462,8 +465,8 @@ class VideoDataset(torch.utils.data.Dataset):
                     raise
                 self._bad.add(j)
                 self.failures.append((j, str(path), e.reason))
-                print(f"warning: skipping unreadable video {path}: {e.reason} (item {j}; "
-                      f"{len(self.failures)} failure(s) so far in this process)", file=sys.stderr, flush=True)
+                log.warning("warning: skipping unreadable video %s: %s (item %d; %d failure(s) so far in this process)",
+                            path, e.reason, j, len(self.failures))
         raise DatasetError(f"none of the {n} videos could be decoded (first failure: {self.failures[0][1]})")
 
     def load(self, index: int, epoch: int = 0) -> torch.Tensor:
@@ -493,8 +496,8 @@ class VideoDataset(torch.utils.data.Dataset):
 class EpochSampler(torch.utils.data.Sampler):
     """Yields (index, epoch) so that every worker uses the epoch set on the main process's dataset.
 
-    Order: `base` (any iterable of indices or a Sampler; its set_epoch is called) if given, else a permutation
-    drawn from (seed, epoch) when shuffling, else 0..n-1.
+    Order: `base` (any iterable of indices or a Sampler; its set_epoch is called) if given, else
+    `epoch_order(n, seed=seed, epoch=epoch)` when shuffling (the order training uses), else 0..n-1.
     """
 
     def __init__(self, dataset, *, base=None, shuffle: bool = False, seed: int = 0, tag: bool = True):
@@ -510,8 +513,7 @@ class EpochSampler(torch.utils.data.Sampler):
                 self.base.set_epoch(epoch)
             order = iter(self.base)
         elif self.shuffle:
-            g = np.random.default_rng(np.random.SeedSequence([self.seed & 0xFFFFFFFF, epoch, 0x5EED]))
-            order = iter(g.permutation(len(self.dataset)).tolist())
+            order = iter(epoch_order(len(self.dataset), seed=self.seed, epoch=epoch))
         else:
             order = iter(range(len(self.dataset)))
         for i in order:

@@ -25,6 +25,7 @@ import heapq
 import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
+from nlvid.data.sampling import clip_indices, clip_span
 from nlvid.errors import DecodeError
 
 # How many decoded frames may arrive before an earlier-labelled one (packed B-frames need 1-2).
@@ -41,9 +43,10 @@ _ORIGIN_PACKETS = 8
 # Codecs whose AVI files may hold packed B-frames (decoded pts out of order, dts in display order).
 _PACKED_B_CODECS = frozenset({"mpeg4", "msmpeg4v1", "msmpeg4v2", "msmpeg4v3", "h263", "h263p"})
 # Decode every frame within this many frames before a wanted time; skip non-reference frames further away
-# (-13% CPU on a 10 s Kinetics clip with B-frames; output bit-identical, see tests). Limitation: in a variable-rate
-# file whose frame before a freeze longer than this margin is a non-reference frame, the previous reference frame
-# is returned for times inside the freeze.
+# (13% less CPU on a 10 s Kinetics clip with B-frames; the frames returned are bit-identical, which
+# test_real_clip_decodes checks against a full sequential decode). Limitation: in a variable-rate file whose frame
+# before a freeze longer than this margin is a non-reference frame, the previous reference frame is returned for
+# times inside the freeze.
 _SKIP_MARGIN_FRAMES = 12
 # Default wall-clock limit for one read (seconds).
 DEFAULT_TIMEOUT = 60.0
@@ -157,7 +160,6 @@ class _Video:
         if not first:
             raise DecodeError(self.path, "video stream has no packets")
         self.origin_pts = min(first)
-        self._at_start = False  # demux moved on; the next decode seeks
         # Frame timestamps: pts, except for packed-B-frame MPEG-4 Part 2 (DivX/XviD AVI) whose decoded frames
         # carry the pts of the packet that released them (1, 4, 3, 6, 5, ...) while their dts count up in display
         # order -- the stamp ffmpeg's best_effort_timestamp falls back to. Checked on the first decoded frames.
@@ -227,7 +229,6 @@ class _Video:
                 end = e if end is None else max(end, e)
         except Exception:  # noqa: BLE001 - a broken tail: keep what was scanned
             pass
-        self._at_start = False
         self.scanned_frames = count
         if end is not None and (self.duration is None or self.duration <= 0):
             self.duration = float((end - self.origin_pts) * self.tb)
@@ -270,6 +271,10 @@ class _Video:
         else:
             self.container.seek(target, stream=self.stream, backward=True, any_frame=False)
 
+    def _seconds(self, stamp: int) -> float:
+        """A frame or packet timestamp (stream time base) in seconds from the first frame."""
+        return float((stamp - self.time_origin) * self.tb)
+
     def decode_times(
         self,
         times: Sequence[float],
@@ -287,10 +292,8 @@ class _Video:
         tol = 0.25 * frame_dur  # float noise in pts * time_base vs index / fps
 
         result = self._decode_sorted(wanted, order, t_min, t_max, tol, frame_dur, short_side, seek=t_min > 0)
-        if result is None:  # the seek landed after t_min: decode from the start instead
+        if result is None:  # the seek landed after t_min: decode from the start (that pass never returns None)
             result = self._decode_sorted(wanted, order, t_min, t_max, tol, frame_dur, short_side, seek=False)
-            if result is None:
-                raise DecodeError(self.path, "seeking to the start of the video failed")
         out, answered, error = result
         if error is None:
             return np.stack(out)
@@ -306,9 +309,7 @@ class _Video:
         seek overshot t_min (caller retries from the start)."""
         import av
 
-        n = len(wanted)
-        out: list = [None] * n
-        answered = [False] * n
+        answers = _Answers(wanted, order, tol, short_side)
         try:
             if seek:
                 self._seek(t_min - tol)
@@ -317,139 +318,235 @@ class _Video:
         except av.FFmpegError as e:
             if seek:
                 return None
-            return out, answered, f"seek failed ({_ffmpeg_msg(e)})"
+            return answers.result(f"seek failed ({_ffmpeg_msg(e)})")
 
         # Budget: frames between t_min and t_max, plus up to 60 s of GOP before the seek target.
         budget = int((t_max - (t_min if seek else 0.0) + 60.0) * max(self.fps, 1.0) * 2) + 1000
-        deadline = time.monotonic() + self.timeout
-        next_w = 0  # position in `order` of the next wanted time to answer
-        cur = None  # (time, av frame) of the last processed frame
-        cache: dict[int, np.ndarray] = {}
-        fifo: list = []  # frames in decoder output order, waiting for a time
-        pts_heap: list = []  # pts values seen, smallest first
-        first_time = None
-        decoded = 0
-        last_pts = None
-        error = None
-        cc = self.stream.codec_context
-        can_skip = self.skip_nonref and not self.use_dts
-        skipping = False
-        skip_margin = _SKIP_MARGIN_FRAMES * frame_dur
-        cc.skip_frame = "DEFAULT"
-
-        def to_rgb(frame) -> np.ndarray:
-            key = id(frame)
-            arr = cache.get(key)
-            if arr is None:
-                arr = _frame_to_rgb(frame, short_side)
-                cache.clear()  # frames are answered in order: only the latest can repeat
-                cache[key] = arr
-            return arr
-
-        def process(t: float, frame) -> bool:
-            """Answer every wanted time before this frame's time with the previous frame. True when done."""
-            nonlocal next_w, cur
-            while next_w < n and wanted[order[next_w]] + tol < t:
-                src = cur[1] if cur is not None else frame  # times before the first frame: first frame
-                out[order[next_w]] = to_rgb(src)
-                answered[order[next_w]] = True
-                next_w += 1
-            cur = (t, frame)
-            return next_w >= n
-
-        def drain(keep: int) -> str | None:
-            """Take frames out of the reordering window (smallest pts first) until `keep` remain, answering wanted
-            times with them. "overshot": the seek landed after t_min; "done": every time answered; else None."""
-            nonlocal first_time
-            while len(fifo) > keep:
-                t = float((heapq.heappop(pts_heap) - self.time_origin) * self.tb)
-                f = fifo.pop(0)
-                if first_time is None:
-                    first_time = t
-                    if seek and t > t_min + tol:
-                        return "overshot"
-                if process(t, f):
-                    return "done"
+        limits = _Limits(budget=budget, deadline=time.monotonic() + self.timeout, t_max=t_max, timeout=self.timeout)
+        window = _ReorderWindow(self._stamp, self._seconds, overshoot_after=t_min + tol if seek else math.inf)
+        skipper = _NonrefSkipper(self.stream.codec_context, enabled=self.skip_nonref and not self.use_dts,
+                                 margin=_SKIP_MARGIN_FRAMES * frame_dur, seconds=self._seconds)
+        try:
+            state, error = self._decode_packets(window, answers, limits, skipper)
+            if state is None and error is None:
+                self._flush_decoder(window)
+            if state is None:
+                state = window.drain(answers, keep=0)
+        finally:
+            skipper.reset()
+        if state == _OVERSHOT:
             return None
+        if state != _DONE:
+            error = self._answer_after_last_frame(answers, error, frame_dur)
+        return answers.result(error)
 
-        done = False
+    def _decode_packets(self, window: _ReorderWindow, answers: _Answers, limits: _Limits,
+                        skipper: _NonrefSkipper) -> tuple[str | None, str | None]:
+        """Demux and decode from the current position. Returns (state, error): state _DONE when every wanted time
+        is answered, _OVERSHOT when the first frame lies after the seek target, None otherwise; error when a limit
+        is hit or the stream fails; (None, None) at the end of the stream."""
+        import av
+
+        decoded = 0
         try:
             for packet in self.container.demux(self.stream):
-                if can_skip:
-                    # Far from the next wanted time, skip non-reference frames (nothing is predicted from them,
-                    # so the frames we keep decode bit-identically); decode everything near wanted times.
-                    ps = packet.dts if packet.dts is not None else packet.pts
-                    far = (
-                        ps is not None
-                        and next_w < n
-                        and wanted[order[next_w]] - float((ps - self.time_origin) * self.tb) > skip_margin
-                    )
-                    if far != skipping:
-                        cc.skip_frame = "NONREF" if far else "DEFAULT"
-                        skipping = far
+                skipper.update(packet, answers.next_time())
                 for frame in packet.decode():
                     decoded += 1
-                    p = self._stamp(frame, last_pts)
-                    last_pts = p
-                    heapq.heappush(pts_heap, p)
-                    fifo.append(frame)
-                    state = drain(_REORDER_WINDOW)
-                    if state == "overshot":
-                        return None
-                    if state == "done":
-                        done = True
-                        break
-                    if decoded > budget:
-                        error = f"decoded {decoded} frames without reaching t={t_max:.3f}s (frame budget)"
-                        break
-                    if time.monotonic() > deadline:
-                        error = f"decoding took longer than {self.timeout:.0f}s"
-                        break
-                if done or error:
-                    break
+                    window.push(frame)
+                    state = window.drain(answers, keep=_REORDER_WINDOW)
+                    if state is not None:
+                        return state, None
+                    error = limits.exceeded(decoded)
+                    if error is not None:
+                        return None, error
         except av.FFmpegError as e:
-            error = f"decode error after {decoded} frames ({_ffmpeg_msg(e)})"
+            return None, f"decode error after {decoded} frames ({_ffmpeg_msg(e)})"
         except (MemoryError, OSError, ValueError, RuntimeError) as e:
-            error = f"decode error after {decoded} frames ({type(e).__name__}: {e})"
+            return None, f"decode error after {decoded} frames ({type(e).__name__}: {e})"
+        return None, None
 
-        if not done and error is None:
-            # End of stream: flush the decoder, then the reordering window.
-            try:
-                for frame in self.stream.codec_context.decode(None):
-                    p = self._stamp(frame, last_pts)
-                    last_pts = p
-                    heapq.heappush(pts_heap, p)
-                    fifo.append(frame)
-            except av.FFmpegError:
-                pass
-        if not done:
-            state = drain(0)
-            if state == "overshot":
-                return None
-            done = state == "done"
-        if not done:
-            if cur is None:
-                return out, answered, error or "no frames could be decoded"
-            claimed_end = max(self.duration or 0.0, self.header_frames / self.fps if self.fps else 0.0)
-            if error is None and next_w < n:
-                t_last = float(wanted[order[-1]])
-                if cur[0] + 2 * frame_dur + tol < t_last < claimed_end - tol:
-                    # The stream stops well before the time the header promises: a truncated file.
-                    error = (f"stream ends at {cur[0]:.2f}s but the header says {claimed_end:.2f}s "
-                             f"(truncated or damaged file; wanted t={t_last:.2f}s)")
-            if error is None:
-                # Clean end of stream: the remaining times lie after the last frame -> the last frame.
-                process(math.inf, None)
-            else:
-                # Broken stream: only times inside the last decoded frame's interval are answered.
-                while next_w < n and wanted[order[next_w]] < cur[0] + frame_dur - tol:
-                    out[order[next_w]] = to_rgb(cur[1])
-                    answered[order[next_w]] = True
-                    next_w += 1
-        if skipping:
-            cc.skip_frame = "DEFAULT"
-        self._at_start = False
-        return out, answered, error
+    def _flush_decoder(self, window: _ReorderWindow) -> None:
+        """End of stream: move the frames the decoder still holds into the reordering window."""
+        import av
+
+        try:
+            for frame in self.stream.codec_context.decode(None):
+                window.push(frame)
+        except av.FFmpegError:
+            pass
+
+    def _answer_after_last_frame(self, answers: _Answers, error: str | None, frame_dur: float) -> str | None:
+        """Every frame is out and some wanted times are left: answer those the last frame covers. Returns the
+        pass's error (a clean end of stream before the time the header promises is one)."""
+        if answers.current is None:
+            return error or "no frames could be decoded"
+        t_cur = answers.current[0]
+        tol = answers.tol
+        claimed_end = max(self.duration or 0.0, self.header_frames / self.fps if self.fps else 0.0)
+        if error is None and not answers.done:
+            t_last = float(answers.wanted[answers.order[-1]])
+            if t_cur + 2 * frame_dur + tol < t_last < claimed_end - tol:
+                # The stream stops well before the time the header promises: a truncated file.
+                error = (f"stream ends at {t_cur:.2f}s but the header says {claimed_end:.2f}s "
+                         f"(truncated or damaged file; wanted t={t_last:.2f}s)")
+        if error is None:
+            # Clean end of stream: the remaining times lie after the last frame -> the last frame.
+            answers.advance(math.inf, None)
+        else:
+            # Broken stream: only times inside the last decoded frame's interval are answered.
+            answers.answer_before(t_cur + frame_dur - tol)
+        return error
+
+
+# Outcomes of draining the reordering window (besides None: more frames are needed).
+_DONE = "done"  # every wanted time is answered
+_OVERSHOT = "overshot"  # the first frame lies after the first wanted time: the seek went too far
+
+
+class _Answers:
+    """The wanted times of one decoding pass and the frames chosen for them.
+
+    Times are answered in increasing order (`order` sorts `wanted`): each gets the last frame whose time is at or
+    before it (within `tol`); times before the first frame get the first frame. Frames are converted to RGB
+    (`_frame_to_rgb`, with the optional short-side resize) once, however many times they answer.
+    """
+
+    def __init__(self, wanted: np.ndarray, order: np.ndarray, tol: float, short_side: int | None):
+        self.wanted, self.order, self.tol, self.short_side = wanted, order, tol, short_side
+        self.n = len(wanted)
+        self.out: list = [None] * self.n  # RGB frame per wanted index
+        self.answered = [False] * self.n
+        self.next_w = 0  # position in `order` of the next wanted time to answer
+        self.current = None  # (time, av frame) of the last frame passed to `advance`
+        self._rgb_cache: dict[int, np.ndarray] = {}
+
+    @property
+    def done(self) -> bool:
+        return self.next_w >= self.n
+
+    def next_time(self):
+        """The earliest wanted time not answered yet, or None when all are."""
+        return self.wanted[self.order[self.next_w]] if self.next_w < self.n else None
+
+    def advance(self, t: float, frame) -> bool:
+        """`frame` is shown from time t: answer every wanted time before t with the previous frame. True when
+        every time is answered."""
+        while self.next_w < self.n and self.wanted[self.order[self.next_w]] + self.tol < t:
+            self._answer_next(self.current[1] if self.current is not None else frame)
+        self.current = (t, frame)
+        return self.next_w >= self.n
+
+    def answer_before(self, end: float) -> None:
+        """Answer the wanted times before `end` with the current frame."""
+        while self.next_w < self.n and self.wanted[self.order[self.next_w]] < end:
+            self._answer_next(self.current[1])
+
+    def result(self, error: str | None):
+        """(frames by wanted index, answered flags, error or None): what a decoding pass returns."""
+        return self.out, self.answered, error
+
+    def _answer_next(self, frame) -> None:
+        i = self.order[self.next_w]
+        self.out[i] = self._rgb(frame)
+        self.answered[i] = True
+        self.next_w += 1
+
+    def _rgb(self, frame) -> np.ndarray:
+        key = id(frame)
+        arr = self._rgb_cache.get(key)
+        if arr is None:
+            arr = _frame_to_rgb(frame, self.short_side)
+            self._rgb_cache.clear()  # frames are answered in order: only the latest can repeat
+            self._rgb_cache[key] = arr
+        return arr
+
+
+class _ReorderWindow:
+    """Decoded frames waiting for their time (see the module docstring).
+
+    Frames leave in decoder output order; the k-th frame out gets the k-th smallest timestamp pushed so far.
+    stamp(frame, previous stamp) -> the frame's integer timestamp; seconds(stamp) -> seconds from the first frame.
+    The first frame out must not lie after `overshoot_after` (the first wanted time, when the pass sought to it).
+    """
+
+    def __init__(self, stamp, seconds, *, overshoot_after: float = math.inf):
+        self._stamp, self._seconds = stamp, seconds
+        self.overshoot_after = overshoot_after
+        self._frames: deque = deque()  # decoder output order
+        self._stamps: list[int] = []  # heap: timestamps not yet given to a frame, smallest first
+        self.last_stamp: int | None = None  # stamp of the frame pushed last
+        self.emitted = 0  # frames taken out so far
+
+    def push(self, frame) -> None:
+        p = self._stamp(frame, self.last_stamp)
+        self.last_stamp = p
+        heapq.heappush(self._stamps, p)
+        self._frames.append(frame)
+
+    def pop(self) -> tuple[float, object]:
+        """(time, frame): the smallest pending timestamp, in seconds, and the oldest frame."""
+        t = self._seconds(heapq.heappop(self._stamps))
+        self.emitted += 1
+        return t, self._frames.popleft()
+
+    def drain(self, answers: _Answers, *, keep: int) -> str | None:
+        """Take frames out until `keep` remain, answering wanted times with them. Returns _OVERSHOT, _DONE, or
+        None when more frames are needed."""
+        while len(self._frames) > keep:
+            first = self.emitted == 0
+            t, frame = self.pop()
+            if first and t > self.overshoot_after:
+                return _OVERSHOT
+            if answers.advance(t, frame):
+                return _DONE
+        return None
+
+
+class _NonrefSkipper:
+    """Far from the next wanted time (more than `margin` seconds before it), the decoder skips non-reference
+    frames: nothing is predicted from them, so the frames kept decode bit-identically. Near wanted times every
+    frame is decoded. Packets are placed in time by dts (else pts) through seconds(stamp)."""
+
+    def __init__(self, codec_context, *, enabled: bool, margin: float, seconds):
+        self.cc, self.enabled, self.margin, self._seconds = codec_context, enabled, margin, seconds
+        self.skipping = False
+        codec_context.skip_frame = "DEFAULT"
+
+    def update(self, packet, next_time) -> None:
+        """Set the decoder's mode for `packet`; next_time: the next wanted time, None when all are answered."""
+        if not self.enabled:
+            return
+        ps = packet.dts if packet.dts is not None else packet.pts
+        far = ps is not None and next_time is not None and next_time - self._seconds(ps) > self.margin
+        if far != self.skipping:
+            self.cc.skip_frame = "NONREF" if far else "DEFAULT"
+            self.skipping = far
+
+    def reset(self) -> None:
+        """Decode every frame again."""
+        if self.skipping:
+            self.cc.skip_frame = "DEFAULT"
+            self.skipping = False
+
+
+@dataclass(frozen=True)
+class _Limits:
+    """Bounds on one decoding pass, so that a broken file fails instead of hanging: at most `budget` decoded frames,
+    and no decoding once `deadline` (time.monotonic()) has passed."""
+
+    budget: int
+    deadline: float
+    t_max: float  # the last wanted time (for the message)
+    timeout: float  # seconds (for the message)
+
+    def exceeded(self, decoded: int) -> str | None:
+        """The error message once `decoded` frames have been decoded, or None while within the limits."""
+        if decoded > self.budget:
+            return f"decoded {decoded} frames without reaching t={self.t_max:.3f}s (frame budget)"
+        if time.monotonic() > self.deadline:
+            return f"decoding took longer than {self.timeout:.0f}s"
+        return None
 
 
 _local = threading.local()
@@ -552,21 +649,6 @@ def read_frames(
         return v.decode_times(timestamps, allow_partial=allow_partial, short_side=short_side)
 
 
-def clip_indices(start_index: int, *, num_frames: int, stride: int, total: int) -> np.ndarray:
-    """Frame indices of one clip: start, start+stride, ...; a video shorter than num_frames*stride loops.
-
-    Looping (indices modulo the frame count, starting at 0) keeps the clip's motion and its frame rate; the
-    alternative, PySlowFast's clamping, repeats the last frame for the rest of the clip. A long-enough video never
-    loops: the start is moved back so the clip ends inside the video.
-    """
-    total = max(1, int(total))
-    span = (num_frames - 1) * stride + 1
-    if span > total:
-        return (np.arange(num_frames) * stride) % total
-    start = min(max(0, int(start_index)), total - span)
-    return start + np.arange(num_frames) * stride
-
-
 def read_clip(
     path: str | Path,
     *,
@@ -580,8 +662,8 @@ def read_clip(
 
     start: seconds from the first frame; None = the clip centred in the video. Frame indices are counted at the
     stream's average frame rate and turned into times, so variable-frame-rate files get the frames shown at those
-    times. Videos shorter than the clip loop (see `clip_indices`). With allow_partial, a stream that breaks
-    before the clip ends gives the frames that decoded, the last one repeated to fill the clip.
+    times. Videos shorter than the clip loop (see `nlvid.data.sampling.clip_indices`). With allow_partial, a stream
+    that breaks before the clip ends gives the frames that decoded, the last one repeated to fill the clip.
     """
     if num_frames < 1 or stride < 1:
         raise ValueError(f"num_frames and stride must be >= 1 (got {num_frames}, {stride})")
@@ -593,9 +675,8 @@ def read_clip(
 
 def _read_clip_open(v: _Video, *, num_frames, stride, start, short_side=None, allow_partial=False) -> np.ndarray:
     total = v.frame_count_estimate()
-    span = (num_frames - 1) * stride + 1
     if start is None:
-        start_index = max(0, (total - span) // 2)
+        start_index = max(0, (total - clip_span(num_frames, stride)) // 2)
     else:
         start_index = int(round(float(start) * v.fps))
     idx = clip_indices(start_index, num_frames=num_frames, stride=stride, total=total)
