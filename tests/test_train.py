@@ -22,15 +22,15 @@ import torch
 from nlvid.config import load_config
 from nlvid.engine import distributed as distr
 from nlvid.checkpoint import load_checkpoint, save_checkpoint
-from nlvid.engine.train import (
+from nlvid.engine.optim import (
     build_optimizer,
     lr_factor,
     param_groups,
     recompute_bn_stats,
     rng_state,
     set_rng_state,
-    train,
 )
+from nlvid.engine.train import train
 from nlvid.errors import ConfigError, TrainingError
 
 from engine_settings import FAST, FIT  # tests/engine_settings.py

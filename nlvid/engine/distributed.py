@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from nlvid.data.sampling import epoch_order
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -72,17 +74,6 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def epoch_order(n: int, *, seed: int, epoch: int, world_size: int = 1) -> list[int]:
-    """The shuffled item order of one epoch: a function of (seed, epoch) only, padded (by wrapping around) to a
-    multiple of `world_size` so every process gets the same number of items (DistributedSampler does the same)."""
-    g = torch.Generator()
-    g.manual_seed(int(seed) * 1_000_003 + int(epoch))
-    order = torch.randperm(n, generator=g).tolist()
-    pad = (-n) % world_size
-    order += order[:pad]
-    return order
-
-
 def shard_batches(order: list[int], *, batch_size: int, world_size: int = 1, rank: int = 0) -> list[list[int]]:
     """Split an epoch order into this rank's batches: global batch i = order[i*B*N : (i+1)*B*N] (N processes,
     per-process batch B); rank r takes the r-th contiguous slice of it. The last global batch may be short; it is
@@ -108,14 +99,6 @@ def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     out: list[Any] = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:
-    if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def average_buffers(module: torch.nn.Module, info: DistInfo) -> None:
