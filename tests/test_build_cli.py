@@ -1,4 +1,5 @@
-"""`nlvid build`: summary table, --json, --out checkpoints, --init / --export, one-line errors with exit 2."""
+"""`nlvid build`: summary table, --json, --out checkpoints, --init / --export, one-line errors with exit 2; the
+CLI-wide behaviour of `main()`: --version, usage errors as one line, error text printed verbatim, flags named."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torchvision
 
+import nlvid
 from nlvid.cli import main
 from nlvid.models import load_model
 from nlvid.models import create_model
@@ -137,3 +139,46 @@ def test_subprocess_entry_point():
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: unknown config or model 'no_such_model'")
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_version(capsys):
+    code, out, err = run(capsys, "--version")
+    assert code == 0, err
+    assert out.strip() == f"nlvid {nlvid.__version__} (torch {torch.__version__})"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["build", "tiny", "--view", "x"], "No such option: --view"),
+    (["visualize", "clip.mp4", "--view", "side"], "'side' is not one of full, center"),
+    (["build", "tiny", "--export", "pyslowfast"], "expected FORMAT=FILE"),
+    (["predict", "clip.mp4", "-c", "x.pt"], "No such option: -c"),  # -c is --config (train); --checkpoint is long
+])
+def test_usage_errors_exit_2_with_one_line(capsys, args, needle):
+    code, out, err = run(capsys, *args)
+    assert code == 2, (code, err)
+    assert err.startswith("error: ") and needle in err
+    assert len(err.strip().splitlines()) == 1 and out == ""
+
+
+def test_error_lines_print_file_names_verbatim(capsys, tmp_path):
+    """Rich markup in user text is printed as text: by main() and by predict's per-file error lines."""
+    ckpt = tmp_path / "a[bold]b.pt"
+    code, _, err = run(capsys, "predict", "clip.mp4", "--checkpoint", ckpt)
+    assert code == 1 and f"error: {ckpt}: " in err
+    real = tmp_path / "tiny.pt"
+    code, _, err = run(capsys, "build", "tiny", "--classes", "2", "--frames", "4", "--size", "32", "--out", real)
+    assert code == 0, err
+    clip = tmp_path / "a[bold]b.mp4"
+    code, _, err = run(capsys, "predict", clip, "--checkpoint", real)
+    assert code == 1 and f"error: {clip}: file not found" in err
+
+
+def test_error_names_the_flag_of_the_key(capsys, tmp_path):
+    """An NlvidError keyed with a config key ends with the flag that sets it in the running command."""
+    code, _, err = run(capsys, "predict", "clip.mp4", "--checkpoint", tmp_path / "x.pt", "--device", "nope")
+    assert code == 2 and err.strip() == "error: device 'nope' is not valid; use auto, cpu, cuda or cuda:N (--device)"
+    real = tmp_path / "tiny.pt"
+    code, _, err = run(capsys, "build", "tiny", "--classes", "2", "--frames", "4", "--size", "32", "--out", real)
+    assert code == 0, err
+    code, _, err = run(capsys, "predict", "clip.mp4", "--checkpoint", real, "--segments", "-1")
+    assert code == 2 and "must be a positive number of seconds (--segments)" in err

@@ -14,7 +14,7 @@ import torch
 from cli_helpers import run_cli  # tests/cli_helpers.py
 
 from nlvid.errors import CheckpointError
-from nlvid.cli.common import resolve_checkpoint
+from nlvid.cli.options import resolve_checkpoint
 from nlvid.engine.predict import predict_files
 
 CLASSES = ["alpha", "beta", "gamma"]

@@ -10,12 +10,17 @@ import typer
 from rich.table import Table
 
 from nlvid.checkpoint import save_checkpoint
-from nlvid.cli.common import JsonOption, SetOption, err_console, out_console
+from nlvid.cli.common import err_console, out_console
+from nlvid.cli.options import ExportOption, InitOption, JsonOption, LayoutOption, SetOption, out_option
 from nlvid.config import load_config
 from nlvid.errors import ConfigError
 from nlvid.models import build_with_init, list_models, summarize
 from nlvid.models.convert import EXPORTERS
 from nlvid.models.summary import format_bytes, format_count
+
+# config key -> the flag of `nlvid build` that sets it
+KEY_FLAGS = {"model.layout": "--layout", "data.num_frames": "--frames", "data.crop_size": "--size",
+             "model.num_classes": "--classes"}
 
 
 def _table(name: str, summary: dict, classes: int):
@@ -65,16 +70,12 @@ def build(
                                                 "data.crop_size (224).")] = None,
     classes: Annotated[Optional[int], typer.Option("--classes", help="Number of classes. Default: the config's "
                                                    "model.num_classes (400), or the imported weights'.")] = None,
-    layout: Annotated[Optional[str], typer.Option("--layout", help="Temporal layout: 8x8 (PySlowFast, default) or "
-                                                  "32x2 (paper / Caffe2), mmaction2 (its I3D stem).")] = None,
+    layout: LayoutOption = None,
     set_: SetOption = None,
-    init: Annotated[Optional[str], typer.Option("--init", metavar="FORMAT=PATH", help="Initial weights: "
-                                                "imagenet=torchvision.pth (inflated), nlvid=, pyslowfast=, caffe2=, "
-                                                "mmaction2=.")] = None,
-    export: Annotated[Optional[str], typer.Option("--export", metavar="FORMAT=FILE", help="Also write the weights "
-                                                  "in another format, e.g. pyslowfast=model.pyth.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write an nlvid checkpoint (model, resolved "
-                                                "config, class names).")] = None,
+    init: InitOption = None,
+    export: ExportOption = None,
+    out: Annotated[Optional[Path], out_option("Write an nlvid checkpoint (model, resolved config, class names).")]
+    = None,
     json_: JsonOption = False,
 ) -> None:
     """Build a model and print its summary: per-stage output shapes, parameters, multiply-adds, Non-local blocks.
@@ -91,17 +92,16 @@ def build(
     """
     overrides = list(set_ or [])
     if layout is not None:
-        overrides.append(f"model.layout={layout}")
+        overrides.append(f"model.layout={layout.value}")
     if frames is not None:
         overrides.append(f"data.num_frames={frames}")
     if size is not None:
         overrides.append(f"data.crop_size={size}")
     if classes is not None and classes < 1:
         raise ConfigError(f"--classes {classes}: must be a positive integer")
-    if export is not None and "=" not in export:
-        raise ConfigError(f"--export {export!r}: expected FORMAT=FILE, e.g. pyslowfast=model.pyth")
     cfg = load_config(model, overrides, model_names=list_models())
-    net, model_cfg, class_names, report = build_with_init(cfg.model, init, num_classes=classes)
+    net, model_cfg, class_names, report = build_with_init(cfg.model, str(init) if init else None,
+                                                          num_classes=classes)
     cfg.model = model_cfg
     T, S = cfg.data.num_frames, cfg.data.crop_size
     summary = summarize(net, (3, T, S, S))  # validates the clip against the strides first (ConfigError)
@@ -109,10 +109,7 @@ def build(
         err_console.print(line, highlight=False, markup=False, soft_wrap=True)
 
     if export is not None:
-        fmt, path = export.split("=", 1)
-        if fmt not in EXPORTERS:
-            raise ConfigError(f"--export: unknown format {fmt!r}; allowed: {', '.join(sorted(EXPORTERS)) or 'none'}")
-        for line in EXPORTERS[fmt](net.state_dict(), Path(path)) or []:
+        for line in EXPORTERS[export.format.value](net.state_dict(), export.path) or []:
             err_console.print(line, highlight=False, markup=False, soft_wrap=True)
     if out is not None:
         names = class_names or [f"class_{i}" for i in range(model_cfg.num_classes)]

@@ -8,12 +8,18 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from nlvid.cli.common import JsonOption, err_console, out_console
+from nlvid.cli.common import err_console, out_console
+from nlvid.cli.options import DeviceOption, JsonOption, out_option
 from nlvid.data import format_scan_table
 from nlvid.engine.evaluate import evaluate_checkpoint, public_report, write_report
 from nlvid.viz.confusion import render_confusion_png
+
+# config key -> the flag of `nlvid eval` that sets it
+KEY_FLAGS = {"data.num_clips": "--clips", "data.num_crops": "--crops", "data.num_workers": "--workers",
+             "train.device": "--device"}
 
 
 def pct(x: float | None) -> str:
@@ -33,7 +39,7 @@ def report_tables(report: dict[str, Any]):
     per.add_column("accuracy", justify="right")
     for name, r in report["per_class"].items():
         if r["num_videos"]:
-            per.add_row(name, str(r["num_videos"]), pct(r["accuracy"]))
+            per.add_row(escape(name), str(r["num_videos"]), pct(r["accuracy"]))
     return summary, per
 
 
@@ -45,9 +51,9 @@ def evaluate(
                                                  "config, 10 for the paper protocol).")] = None,
     crops: Annotated[Optional[int], typer.Option("--crops", help="Spatial crops per clip: 1 or 3.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Clips per forward pass.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where predictions.csv, confusion.png and "
-                                                "report.json go. Default: <checkpoint dir>/eval-<name>.")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    out: Annotated[Optional[Path], out_option("Where predictions.csv, confusion.png and report.json go. Default: "
+                                              "<checkpoint dir>/eval-<name>.")] = None,
+    device: DeviceOption = "auto",
     workers: Annotated[Optional[int], typer.Option("--workers", help="Data loading processes.")] = None,
     json_: JsonOption = False,
 ) -> None:
@@ -68,11 +74,11 @@ def evaluate(
                                                        out_dir / "confusion.png"))
     write_report(report, out_dir / "report.json")
     for note in report["notes"]:
-        err_console.print(note, highlight=False)
+        err_console.print(note, highlight=False, markup=False)
     if json_:
         typer.echo(json.dumps(public_report(report), indent=2))
         return
     for table in report_tables(report):
         out_console.print(table)
-    out_console.print(f"predictions: {report['predictions_file']}", highlight=False)
-    out_console.print(f"confusion matrix: {report['confusion_png']}", highlight=False)
+    out_console.print(f"predictions: {report['predictions_file']}", highlight=False, markup=False)
+    out_console.print(f"confusion matrix: {report['confusion_png']}", highlight=False, markup=False)

@@ -7,40 +7,38 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
-from nlvid.cli.common import JsonOption, err_console, out_console, resolve_checkpoint
+from nlvid.cli.common import err_console, out_console, print_error
+from nlvid.cli.options import CheckpointOption, DeviceOption, JsonOption, resolve_checkpoint
 from nlvid.config import test_data_kwargs
 from nlvid.engine.device import resolve_device
 from nlvid.engine.predict import predict_files
 from nlvid.models import load_model
 
-CheckpointOption = Annotated[
-    Optional[Path],
-    typer.Option("--checkpoint", "-c", help="nlvid checkpoint. Default: $NLVID_CHECKPOINT, else the newest "
-                 "best.pt under ./runs/.", show_default=False),
-]
+# config key (or predict_files parameter) -> the flag of `nlvid predict` that sets it
+KEY_FLAGS = {"data.num_clips": "--clips", "data.num_crops": "--crops", "segments": "--segments",
+             "train.device": "--device"}
 
 
 def _table(result: dict[str, Any]):
-    from rich.table import Table
-
-    t = Table(title=result["file"], title_justify="left")
+    t = Table(title=escape(result["file"]), title_justify="left")
     t.add_column("rank", justify="right")
     t.add_column("label")
     t.add_column("probability", justify="right")
     for i, r in enumerate(result["top"], 1):
-        t.add_row(str(i), r["label"], f"{r['prob']:.4f}")
+        t.add_row(str(i), escape(r["label"]), f"{r['prob']:.4f}")
     return t
 
 
 def _timeline(result: dict[str, Any]):
-    from rich.table import Table
-
-    t = Table(title=f"{result['file']}: per window", title_justify="left")
+    t = Table(title=f"{escape(result['file'])}: per window", title_justify="left")
     for col, j in (("start s", "right"), ("end s", "right"), ("top label", "left"), ("prob", "right")):
         t.add_column(col, justify=j)
     for s in result["segments"]:
-        t.add_row(f"{s['start']:.2f}", f"{s['end']:.2f}", s["label"], f"{s['prob']:.4f}")
+        t.add_row(f"{s['start']:.2f}", f"{s['end']:.2f}", escape(s["label"]), f"{s['prob']:.4f}")
     return t
 
 
@@ -55,7 +53,7 @@ def predict(
     segments: Annotated[Optional[float], typer.Option("--segments", help="Also give a timeline: the top label "
                                                       "of every window of this many seconds.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Views per forward pass.")] = 8,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: DeviceOption = "auto",
     workers: Annotated[int, typer.Option("--workers", min=0, help="Decoding threads.")] = 2,
     json_: JsonOption = False,
 ) -> None:
@@ -74,18 +72,21 @@ def predict(
                              device=dev, workers=workers, progress=progress, **settings)
 
     if len(clips) > 1:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         with Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TextColumn("{task.description}"), console=err_console, transient=True) as bar:
             task = bar.add_task("", total=len(clips))
-            results = run(lambda done, total, f: bar.update(task, completed=done, description=Path(f).name))
+
+            def progress(event: str, **d: Any) -> None:
+                if event == "file":
+                    bar.update(task, completed=d["done"], description=escape(Path(d["file"]).name))
+
+            results = run(progress)
     else:
         results = run()
 
     failed = [r for r in results if "error" in r]
     for r in failed:
-        err_console.print(f"[bold red]error:[/] {r['file']}: {r['error']}", highlight=False, soft_wrap=True)
+        print_error(f"{r['file']}: {r['error']}")
     if json_:
         typer.echo(json.dumps(results, indent=2))
     else:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from nlvid.cli.common import JsonOption, err_console, out_console
+from nlvid.cli.common import err_console, out_console
+from nlvid.cli.options import JsonOption
+from nlvid.data.synthetic import class_names, write_synthetic
 
 
 def synth(
@@ -24,10 +28,6 @@ def synth(
 
     Example: nlvid synth data/synth --classes 4 --clips-per-class 50
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from nlvid.data.synthetic import class_names, write_synthetic
-
     class_names(classes)  # validate before the progress bar starts
     t0 = time.perf_counter()
     with Progress(TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -37,13 +37,11 @@ def synth(
                                   progress=lambda done, total: bar.update(task, completed=done))
     elapsed = time.perf_counter() - t0
     if json_out:
-        import json
-
         out_console.print_json(json.dumps({**summary, "seconds": round(elapsed, 2)}))
         return
     out_console.print(
         f"wrote {summary['train'] + summary['val']} clips ({summary['train']} train, {summary['val']} val, "
         f"{len(summary['classes'])} classes, {summary['num_frames']} frames of {summary['size'][1]}x"
         f"{summary['size'][0]} at {summary['fps']} fps) to {out} in {elapsed:.1f}s",
-        highlight=False,
+        highlight=False, markup=False,
     )

@@ -7,8 +7,11 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
-from nlvid.cli.common import SetOption, err_console, out_console
+from nlvid.cli.common import err_console, out_console
+from nlvid.cli.options import InitOption, SetOption, out_option
 from nlvid.config import load_config
 from nlvid.data import format_scan_table
 from nlvid.engine.distributed import env_info
@@ -37,14 +40,13 @@ class LineReporter:
         self.console.print(text, highlight=False, markup=False, soft_wrap=True)
 
     def __call__(self, event: str, **d: Any) -> None:
+        """`progress(event, **data)` of the training loop -> `on_<event>(**data)`; other events are ignored."""
         getattr(self, f"on_{event}", lambda **_: None)(**d)
 
     def on_message(self, text: str) -> None:
         self.print(text)
 
     def on_scan(self, split: str, index: Any) -> None:
-        from nlvid.data import format_scan_table
-
         self.console.print(format_scan_table(index))
 
     def on_start(self, **d: Any) -> None:
@@ -81,12 +83,6 @@ class LineReporter:
                    f"loss {r['loss']:.4f}  acc {100 * r['acc']:.1f}%  lr {r['lr']:.3g}  "
                    f"{r['clips_per_s']:.1f} clips/s  data {100 * r['data_fraction']:.0f}%  ETA {self._eta(r['step'])}")
 
-    def on_checkpoint(self, path: str, step: int) -> None:
-        pass
-
-    def on_eval_start(self, num_videos: int, views: int) -> None:
-        pass
-
     def on_epoch(self, record: dict[str, Any], metric: str) -> None:
         self.epochs.append(record)
         r = record
@@ -101,8 +97,6 @@ class LineReporter:
 
 
 def epoch_table(epochs: list[dict[str, Any]]):
-    from rich.table import Table
-
     has_val = any("val_top1" in r for r in epochs)
     t = Table(title="epochs (loss/acc: train; val@1/@5: video top-1/5; clip@1: per view; class: mean class acc)",
               title_justify="left")
@@ -124,8 +118,6 @@ class RichReporter(LineReporter):
 
     def __init__(self, console=None):
         super().__init__(console)
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
             TextColumn("{task.fields[info]}"), console=self.console, transient=False,
@@ -174,14 +166,11 @@ def train(
                                                   "model preset (c2d_r50_nl5). Default: tiny.")] = None,
     val: Annotated[Optional[Path], typer.Option("--val", help="Validation videos (folder or list); implied by "
                                                 "DATA/val.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder. Default: "
-                                                "runs/<config>-<timestamp>.")] = None,
+    out: Annotated[Optional[Path], out_option("Run folder. Default: runs/<config>-<timestamp>.")] = None,
     set_: SetOption = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt "
                                          "(also automatic when --out already holds one).")] = False,
-    init: Annotated[Optional[str], typer.Option("--init", help="Initial weights FORMAT=PATH: imagenet=PATH, "
-                                                "pyslowfast=, caffe2=, mmaction2=, nlvid=.", metavar="FORMAT=PATH")]
-    = None,
+    init: InitOption = None,
 ) -> None:
     """Train a video classifier; writes config.yaml, classes.txt, metrics.jsonl, last.pt and best.pt into --out.
 
@@ -201,15 +190,16 @@ def train(
         out = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     main = env_info().is_main
     if resuming and main:
-        err_console.print(f"resuming the run in {out} from {out / 'last.pt'}", highlight=False)
-    result = run_train(cfg, data=data, val=val, out=out, resume=resume, init=init,
+        err_console.print(f"resuming the run in {out} from {out / 'last.pt'}", highlight=False, markup=False)
+    result = run_train(cfg, data=data, val=val, out=out, resume=resume, init=str(init) if init else None,
                        progress=make_reporter() if main else None)
     if not main:
         return
     best = result["best_acc"]
     what = "validation video top-1" if result["best_metric"] == "val_top1" else "train accuracy (no validation data)"
-    out_console.print(f"run folder: {result['run_dir']}", highlight=False)
+    out_console.print(f"run folder: {result['run_dir']}", highlight=False, markup=False)
     out_console.print(f"best {what}: {100 * best:.1f}% (epoch {result['best_epoch']}) -> {result['best_path']}"
-                      if best is not None else "no epoch finished", highlight=False)
-    out_console.print(f"last checkpoint: {result['last_path']} (step {result['steps']})", highlight=False)
-    out_console.print(f"metrics: {result['metrics_path']}", highlight=False)
+                      if best is not None else "no epoch finished", highlight=False, markup=False)
+    out_console.print(f"last checkpoint: {result['last_path']} (step {result['steps']})", highlight=False,
+                      markup=False)
+    out_console.print(f"metrics: {result['metrics_path']}", highlight=False, markup=False)

@@ -9,12 +9,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from nlvid.cli.common import JsonOption, err_console, out_console, resolve_checkpoint
+from nlvid.cli.common import err_console, out_console
+from nlvid.cli.options import (CheckpointOption, DeviceOption, JsonOption, View, ViewOption, out_option,
+                               resolve_checkpoint)
 from nlvid.engine.device import resolve_device
+from nlvid.errors import ConfigError
 from nlvid.models import load_model
 from nlvid.viz.attention import attend_clip, read_clip_indexed, resolve_blocks
-from nlvid.cli.predict import CheckpointOption
-from nlvid.errors import ConfigError
+from nlvid.viz.render import terminal_renderable, write_outputs
+
+# config key -> the flag of `nlvid visualize` that sets it
+KEY_FLAGS = {"train.device": "--device"}
 
 
 def parse_query(text: str) -> tuple[int, float, float]:
@@ -42,17 +47,15 @@ def visualize(
                                                        "replaces the automatic choice).", show_default=False)] = None,
     topk: Annotated[int, typer.Option("--topk", "-k", min=1, help="Keys per query.")] = 20,
     frames: Annotated[int, typer.Option("--frames", min=1, help="Frames shown (evenly spaced).")] = 4,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for PNGs, GIFs and hotspots.json.",
-                                                show_default=False)] = None,
+    out: Annotated[Optional[Path], out_option("Folder for PNGs, GIFs and hotspots.json.")] = None,
     mp4: Annotated[bool, typer.Option("--mp4", help="Also write an MP4 per query.")] = False,
     terminal: Annotated[Optional[bool], typer.Option("--terminal/--no-terminal", help="Draw in the terminal "
                                                      "(default when stdout is a terminal and no --out).",
                                                      show_default=False)] = None,
     start: Annotated[Optional[float], typer.Option("--start", help="Clip start in seconds (default: the clip "
                                                    "centred in the video).", show_default=False)] = None,
-    view: Annotated[str, typer.Option("--view", help="full: the whole frame, short side resized (no crop); "
-                                      "center: the centre crop used by eval/predict.")] = "full",
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    view: ViewOption = View("full"),
+    device: DeviceOption = "auto",
     json_: JsonOption = False,
 ) -> None:
     """Show where a Non-local block's queries attend: arrows to the top-k keys and heat overlays (PNG per query),
@@ -60,9 +63,6 @@ def visualize(
 
     Example: nlvid visualize clip.mp4 --checkpoint runs/tiny/best.pt --out viz/
     """
-
-    if view not in ("full", "center"):
-        raise ConfigError(f"--view {view!r}: allowed: full, center")
     placed = [parse_query(q) for q in query] if query else None
     path = resolve_checkpoint(checkpoint)
     dev = resolve_device(device)
@@ -71,37 +71,32 @@ def visualize(
     if not clip.exists():
         raise ConfigError(f"{clip}: file not found")
     d = cfg.data
-    frames_u8, source, times = read_clip_indexed(clip, num_frames=d.num_frames, stride=d.stride, start=start)
+    decoded = read_clip_indexed(clip, num_frames=d.num_frames, stride=d.stride, start=start, view=view,
+                                short_side=d.test_short_side, crop_size=d.test_crop_size)
     result = attend_clip(
-        model, frames_u8, classes=classes, blocks=names, short_side=d.test_short_side, crop_size=d.test_crop_size,
-        mean=d.mean, std=d.std, view=view, num_shown=frames, queries=placed, num_queries=queries, topk=topk,
-        source_frames=source, timestamps=times, device=dev,
+        model, decoded.frames, classes=classes, blocks=names, short_side=d.test_short_side,
+        crop_size=d.test_crop_size, mean=d.mean, std=d.std, view=view, num_shown=frames, queries=placed,
+        num_queries=queries, topk=topk, source_frames=decoded.source_frames, timestamps=decoded.timestamps,
+        model_frames=decoded.model_frames, device=dev,
     )
     report = result.to_json(file=str(clip), checkpoint=str(path))
     if terminal is None:
         terminal = out is None and sys.stdout.isatty() and not json_
     if out is not None:
-        from nlvid.viz.render import write_outputs
-
         written = write_outputs(result, out, mp4=mp4)
         for b in report["blocks"]:
-            stem = b["block"].replace(".", "_")
-            for i, q in enumerate(b["queries"], 1):
-                q["png"] = f"{stem}_q{i}.png"
-                q["gif"] = f"{stem}_q{i}.gif"
-                if mp4:
-                    q["mp4"] = f"{stem}_q{i}.mp4"
-            b["summary_png"] = f"{stem}_summary.png"
+            files = written.blocks[b["block"]]
+            for q, names in zip(b["queries"], files.queries):
+                q.update(names)
+            b["summary_png"] = files.summary_png
         hot = Path(out) / "hotspots.json"
         hot.write_text(json.dumps(report, indent=2))
-        written.append(hot)
+        paths = [*written.paths, hot]
         if not json_:
-            out_console.print(f"wrote {len(written)} files to {out}/:", highlight=False)
-            for p in written:
+            out_console.print(f"wrote {len(paths)} files to {out}/:", highlight=False)
+            for p in paths:
                 out_console.print(f"  {p.name}", highlight=False)
     if terminal:
-        from nlvid.viz.render import terminal_renderable
-
         out_console.print(terminal_renderable(result, width=out_console.width))
     if json_ or (out is None and not terminal):
         if out is None and not json_:

@@ -23,6 +23,9 @@ from nlvid.engine.device import autocast_context, resolve_device
 from nlvid.errors import CheckpointError, ConfigError, DatasetError
 from nlvid.models import load_model
 
+# The one shape of progress callbacks in nlvid.engine: `progress(event, **data)`, e.g. progress("eval_step",
+# done=3, total=10); a callback ignores the events it does not know.
+# Every engine loop reports through one callback shape: progress(event, **data); the CLI renders the events.
 Progress = Callable[..., None]
 
 
@@ -294,9 +297,9 @@ def evaluate_checkpoint(
     clips = d.num_clips if clips is None else clips
     crops = d.num_crops if crops is None else crops
     if clips < 1:
-        raise ConfigError(f"--clips must be >= 1, got {clips}")
+        raise ConfigError(f"clips must be >= 1, got {clips}", key="data.num_clips")
     if crops not in (1, 3):
-        raise ConfigError(f"--crops must be 1 or 3, got {crops}")
+        raise ConfigError(f"crops must be 1 or 3, got {crops}", key="data.num_crops")
     train_src, val_src = resolve_splits(data)
     source = val_src if val_src is not None else train_src
     notes = []

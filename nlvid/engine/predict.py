@@ -26,6 +26,7 @@ from nlvid.data import probe, test_views
 from nlvid.data.decode import read_clips
 from nlvid.data.sampling import clip_span, uniform_starts
 from nlvid.engine.device import resolve_device
+from nlvid.engine.evaluate import Progress
 from nlvid.errors import ConfigError, NlvidError
 
 @dataclass
@@ -137,11 +138,11 @@ def predict_files(
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     workers: int = 2,
-    progress: Callable[[int, int, str], None] | None = None,
+    progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
     """Top-k labels of each video, in the order given: [{"file", "top": [{"label", "prob"}], "views"}] or
     [{"file", "error"}]; with `segments` (seconds) each result also has "segments": [{"start", "end", "label",
-    "prob"}]. `progress(done, total, file)` is called after each file."""
+    "prob"}]. `progress("file", done=..., total=..., file=...)` is called after each file."""
     if segments is not None and segments <= 0:
         raise ConfigError(f"segments={segments}: must be a positive number of seconds", key="segments")
     paths = [Path(p) for p in paths]
@@ -176,7 +177,7 @@ def predict_files(
         results[i] = out
         done += 1
         if progress is not None:
-            progress(done, len(paths), str(paths[i]))
+            progress("file", done=done, total=len(paths), file=str(paths[i]))
 
     def run(batch: list[tuple[int, int, torch.Tensor]]) -> None:
         x = torch.stack([v for _, _, v in batch]).to(device)
@@ -194,7 +195,7 @@ def predict_files(
             results[d.index] = {"file": str(paths[d.index]), "error": d.error}
             done += 1
             if progress is not None:
-                progress(done, len(paths), str(paths[d.index]))
+                progress("file", done=done, total=len(paths), file=str(paths[d.index]))
             continue
         meta[d.index] = d
         sums[d.index], counts[d.index] = {}, {}

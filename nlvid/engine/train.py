@@ -43,12 +43,11 @@ from nlvid.data import VideoDataset, make_loader, resolve_splits, scan_dataset
 from nlvid.data.sampling import epoch_order
 from nlvid.engine import distributed as distr
 from nlvid.engine.device import autocast_context, resolve_device
-from nlvid.engine.evaluate import build_report, collect_scores, merge_scores
+from nlvid.engine.evaluate import Progress, build_report, collect_scores, merge_scores
 from nlvid.engine.optim import build_optimizer, build_scheduler, recompute_bn_stats, rng_state, set_rng_state, step_seed
 from nlvid.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from nlvid.models import build_with_init, create_model, load_state_dict_checked
 
-Progress = Callable[..., None]
 
 # Keys a resumed run may change (the rest comes from the run's stored config).
 RESUME_MUTABLE = ("train.epochs", "train.log_every", "train.save_every", "train.device", "train.eval_every",
