@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -12,22 +13,23 @@ from PIL import Image
 
 from cli_helpers import run_cli  # tests/cli_helpers.py
 
+from experiments.localisation import localization_score
+from nlvid.checkpoint import save_checkpoint
+from nlvid.config import load_config, model_kwargs
+from nlvid.data import test_views, write_synthetic
+from nlvid.engine.train import train
+from nlvid.errors import ConfigError
+from nlvid.models import create_model, load_model
 from nlvid.viz import attention as A
 from nlvid.viz import render as R
 
 
 def make_checkpoint(path: Path, *, num_classes: int = 3, **model_kw) -> Path:
-    from nlvid.config import load_config
-    from nlvid.checkpoint import save_checkpoint
-    from nlvid.models import create_model
-
     cfg = load_config("tiny")
     cfg.model.num_classes = num_classes
     for k, v in model_kw.items():
         setattr(cfg.model, k, v)
     torch.manual_seed(0)
-    from nlvid.config import model_kwargs
-
     model = create_model("tiny", **model_kwargs(cfg.model))
     save_checkpoint(path, model_state=model.state_dict(), config=cfg.to_dict(),
                     classes=[f"class_{i}" for i in range(num_classes)])
@@ -64,8 +66,6 @@ def test_query_and_key_cells_map_to_pixels_through_box_and_pooling():
     assert [g.source_frame(i) for i in g.frames_of_kt(2)] == [18, 20]
     # pixel -> query cell (frame 6, x=70, y=100) -> (3, 6, 1); outside the box or the clip -> ConfigError
     assert g.pixel_to_query(6, 70, 100) == (3, 6, 1)
-    from nlvid.errors import ConfigError
-
     with pytest.raises(ConfigError, match="outside"):
         g.pixel_to_query(0, 10, 10)
     with pytest.raises(ConfigError, match="frames 0..7"):
@@ -154,9 +154,6 @@ def test_choose_queries_spreads_over_frames_and_suppresses_neighbours():
 
 
 def test_block_resolution_and_errors():
-    from nlvid.errors import ConfigError
-    from nlvid.models import create_model
-
     m = create_model("tiny", num_classes=2)
     names = list(A.nl_blocks(m))
     assert names and A.resolve_blocks(m, None) == [next(n for n in names if n.startswith("res3."))]
@@ -181,8 +178,6 @@ def _synthetic_frames(T=8, H=48, W=80, seed=0):
 
 @pytest.mark.parametrize("inst", ["gaussian", "embedded_gaussian", "dot_product", "concatenation"])
 def test_attend_clip_all_instantiations(inst, tmp_path, monkeypatch):
-    from nlvid.models import create_model
-
     torch.manual_seed(0)
     m = create_model("tiny", num_classes=3, instantiation=inst).eval()
     for blk in A.nl_blocks(m).values():  # make the weights non-trivial
@@ -239,15 +234,13 @@ def test_cli_visualize_writes_pictures_and_hotspots(shared_videos, tiny_ckpt, tm
     assert (out / b["summary_png"]).exists()
     gif = Image.open(out / b["queries"][0]["gif"])
     assert gif.n_frames == 8
-    import av
-
     with av.open(str(out / b["queries"][0]["mp4"])) as c:
         assert sum(1 for _ in c.decode(video=0)) == 8
 
 
 def test_cli_visualize_manual_query_terminal_and_json(shared_videos, tiny_ckpt, capsys):
     clip = shared_videos / "video_90.mov"  # rotated: frames come upright, 320 wide x 568 high
-    code, stdout, err = run_cli(["visualize", str(clip), "-c", str(tiny_ckpt), "--query", "3,300,500",
+    code, stdout, err = run_cli(["visualize", str(clip), "--checkpoint", str(tiny_ckpt), "--query", "3,300,500",
                                  "--block", "all", "--json", "--topk", "4"], capsys)
     assert code == 0, err
     hot = json.loads(stdout)
@@ -257,25 +250,25 @@ def test_cli_visualize_manual_query_terminal_and_json(shared_videos, tiny_ckpt, 
         assert q["frame"] == 3 and q["requested"] == {"frame": 3, "x": 300.0, "y": 500.0}
         x0, y0, x1, y1 = q["box"]
         assert x0 <= 300 < x1 and y0 <= 500 < y1  # the query cell contains the asked pixel
-    code, stdout, err = run_cli(["visualize", str(clip), "-c", str(tiny_ckpt), "--terminal", "--queries", "1",
-                                 "--topk", "3"], capsys)
+    code, stdout, err = run_cli(["visualize", str(clip), "--checkpoint", str(tiny_ckpt), "--terminal",
+                                 "--queries", "1", "--topk", "3"], capsys)
     assert code == 0, err
     assert "▀" in stdout and "hotspots" in stdout
 
 
 def test_cli_visualize_errors(shared_videos, tiny_ckpt, tmp_path, capsys):
     clip = shared_videos / "asl_book.mkv"
-    code, _, err = run_cli(["visualize", str(clip), "-c", str(tiny_ckpt), "--block", "res2.nl.7"], capsys)
+    code, _, err = run_cli(["visualize", str(clip), "--checkpoint", str(tiny_ckpt), "--block", "res2.nl.7"], capsys)
     assert code == 2 and "res3.nl." in err and "all" in err
-    code, _, err = run_cli(["visualize", str(clip), "-c", str(tiny_ckpt), "--query", "1,2"], capsys)
+    code, _, err = run_cli(["visualize", str(clip), "--checkpoint", str(tiny_ckpt), "--query", "1,2"], capsys)
     assert code == 2 and "T,X,Y" in err
-    code, _, err = run_cli(["visualize", str(clip), "-c", str(tiny_ckpt), "--query", "0,9999,1"], capsys)
+    code, _, err = run_cli(["visualize", str(clip), "--checkpoint", str(tiny_ckpt), "--query", "0,9999,1"], capsys)
     assert code == 2 and "outside" in err
-    code, _, err = run_cli(["visualize", str(shared_videos / "corrupted.mp4"), "-c", str(tiny_ckpt),
+    code, _, err = run_cli(["visualize", str(shared_videos / "corrupted.mp4"), "--checkpoint", str(tiny_ckpt),
                             "--json"], capsys)
     assert code == 1 and "corrupted.mp4" in err
     base = make_checkpoint(tmp_path / "base.pt", nonlocal_blocks={})
-    code, _, err = run_cli(["visualize", str(clip), "-c", str(base)], capsys)
+    code, _, err = run_cli(["visualize", str(clip), "--checkpoint", str(base)], capsys)
     assert code == 2 and "no Non-local blocks" in err
 
 
@@ -292,12 +285,6 @@ def test_trained_attention_links_the_two_objects(tmp_path):
     the regenerated synthetic MP4s are not byte-identical (see nlvid/data/synthetic.py); on the same files training
     is deterministic. Over the 12 trained spacetime runs of the table (4 instantiations x 3 seeds) trained > init
     in 11. Bounds: mean trained >= 1.25 x mean init and every seed > 1.2x chance (measured 1.58x-1.78x, min 1.50)."""
-    from nlvid.config import load_config, model_kwargs
-    from nlvid.data import write_synthetic
-    from nlvid.models import load_model
-    from nlvid.engine.train import train
-    from nlvid.models import create_model
-
     root = tmp_path / "synth"
     write_synthetic(root, classes=4, clips_per_class=100, seed=0)
     trained, init = [], []
@@ -311,7 +298,7 @@ def test_trained_attention_links_the_two_objects(tmp_path):
         d = cfg.data
         kw = dict(block="res3.nl.0", num_frames=d.num_frames, stride=d.stride, short_side=d.test_short_side,
                   mean=d.mean, std=d.std, topk=10)
-        s, s0 = A.localization_score(model, root, **kw), A.localization_score(model0, root, **kw)
+        s, s0 = localization_score(model, root, **kw), localization_score(model0, root, **kw)
         assert s["num_queries"] > 500 and s["chance_rate"] == pytest.approx(s0["chance_rate"])
         trained.append(s["ratio"])
         init.append(s0["ratio"])
@@ -323,9 +310,6 @@ def test_trained_attention_links_the_two_objects(tmp_path):
 
 def test_center_view_maps_through_the_crop_box():
     """--view center: the model sees test_views' centre crop; cells map back inside that box of the frame."""
-    from nlvid.data import test_views
-    from nlvid.models import create_model
-
     torch.manual_seed(0)
     m = create_model("tiny", num_classes=2).eval()
     frames = _synthetic_frames(H=48, W=96)

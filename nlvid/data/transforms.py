@@ -1,8 +1,9 @@
 """Clip transforms: short-side scale jitter, crops (random / centre / three-crop), flip, normalise.
 
-Defaults follow the paper's recipe (spec section 5): train = short side random in [256, 320], random 224x224 crop,
-horizontal flip; test = short side 256, 3 crops of 256x256 along the long side (left/centre/right, or
-top/centre/bottom for portrait video, like PySlowFast). Normalisation: (x / 255 - 0.45) / 0.225 per channel.
+Defaults follow the paper's recipe: train = short side random in [256, 320], random 224x224 crop, horizontal flip;
+test = short side 256, 3 crops of 256x256 along the long side (left/centre/right, or top/centre/bottom for portrait
+video, like PySlowFast). Normalisation: (x / 255 - 0.45) / 0.225 per channel. A single test view (`single_view`,
+what `nlvid visualize` shows) is either the centre crop of `test_views` or the whole frame resized the same way.
 
 Layout legend: T frames, H x W pixels, C = 3 channels. Decoded clips are numpy uint8 (T, H, W, C); the model takes
 float32 (C, T, H, W). Resizing runs on uint8 tensors (T, C, H, W) with torchvision.transforms.v2.functional
@@ -138,3 +139,51 @@ def test_views(
 
 
 test_views.__test__ = False  # not a pytest test, even when imported into a test module
+
+
+def full_view(
+    frames,
+    *,
+    short_side: int = 256,
+    mean: Sequence[float] = MEAN,
+    std: Sequence[float] = STD,
+) -> tuple[torch.Tensor, Box]:
+    """The whole frame as one test view: frames uint8 (T, H, W, 3) -> (view float32 (1, 3, T, H', W'), box).
+
+    The short side is resized to `short_side` with the resize of `test_views`, without cropping (the networks are
+    fully convolutional); box = (0, 0, W, H), the whole frame.
+    """
+    x = to_tchw(frames)
+    h0, w0 = x.shape[-2:]
+    view = normalize(resize_short_side(x, short_side), mean, std)
+    return view.unsqueeze(0), (0.0, 0.0, float(w0), float(h0))
+
+
+VIEWS = ("full", "center")  # the views `single_view` makes
+
+
+def single_view(
+    frames,
+    view: str,
+    *,
+    short_side: int = 256,
+    crop_size: int = 256,
+    mean: Sequence[float] = MEAN,
+    std: Sequence[float] = STD,
+) -> tuple[torch.Tensor, Box]:
+    """One test view of one clip: frames uint8 (T, H, W, 3) -> (view float32 (1, 3, T, h, w), box in the frames'
+    pixels). view: "full" (`full_view`: the whole frame, short side resized to `short_side`) or "center" (the centre
+    crop of `test_views` with num_crops=1, what eval/predict use for one crop)."""
+    if view == "full":
+        return full_view(frames, short_side=short_side, mean=mean, std=std)
+    if view == "center":
+        views, boxes = test_views(frames, short_side=short_side, crop_size=crop_size, num_crops=1, mean=mean, std=std)
+        return views, boxes[0]
+    raise ValueError(f"view {view!r}: allowed: {', '.join(VIEWS)}")
+
+
+def view_short_side(view: str, short_side: int, crop_size: int) -> int:
+    """The short side frames are decoded at for `view`: what eval/predict decode at for the centre crop
+    (max(short_side, crop_size): `test_views` scales a smaller frame up to the crop), `short_side` for the full
+    view."""
+    return max(short_side, crop_size) if view == "center" else short_side

@@ -17,6 +17,11 @@ Mapping a cell back to pixels (`GridMap`), from tensor shapes only:
   X = x0 + x * (x1 - x0) / W (the resize + crop applied for the model is undone); input frame i -> the video's
   frame `source_frames[i]`.
 
+The model's input is made like eval/predict make theirs (`model_input`): `read_clip_indexed` picks the clip's
+frames with `nlvid.data.sampling` and decodes them twice through `nlvid.data.decode.read_clips`, at the video's size
+for the pictures and at the test short side for the model, and `nlvid.data.transforms.single_view` resizes, crops
+and normalises. For the centre view and predict's single centred clip the model gets the same tensor.
+
 Memory stays bounded on long clips and large frames: only query rows are computed, through
 `AttentionRecorder.attention` (= `NonLocalBlock.attention_rows`), in chunks of at most `MAX_CHUNK_ELEMENTS`
 weights; the full N x N' matrix is never formed here.
@@ -34,7 +39,6 @@ radius = max(1, round(max(h, w) / 4))), so queries spread over frames and are no
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +46,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from nlvid.data import probe
+from nlvid.data.decode import read_clips
+from nlvid.data.sampling import clip_indices, uniform_starts
+from nlvid.data.transforms import VIEWS, Box, single_view, view_short_side
 from nlvid.errors import ConfigError, NlvidError
+from nlvid.models import AttentionRecorder
 
 PROBABILITY_INSTANTIATIONS = ("gaussian", "embedded_gaussian")
 MAX_CHUNK_ELEMENTS = 4_000_000  # weights per attention_rows call while scoring all query cells
@@ -213,13 +221,6 @@ class GridMap:
         out = np.zeros((gh, gw), dtype=heat.dtype)
         out[: up.shape[0], : up.shape[1]] = up[:gh, :gw]
         return out
-
-    def covered_box(self) -> tuple[float, float, float, float]:
-        """The original-frame region covered by key cells (floor pooling can leave a strip uncovered)."""
-        kt, kh, kw = self.key_grid
-        xa, ya, _, _ = self._cell_box(0, 0, self.key_pool[1], self.key_pool[2])
-        _, _, xb, yb = self._cell_box(kh - 1, kw - 1, self.key_pool[1], self.key_pool[2])
-        return (xa, ya, xb, yb)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -415,30 +416,36 @@ def _display_frame(frames: Sequence[int], shown: Sequence[int]) -> int:
     return min(pool, key=lambda i: (abs(i - centre), i))
 
 
-def full_view(frames: np.ndarray, *, short_side: int, mean: Sequence[float], std: Sequence[float]):
-    """uint8 (T, H, W, 3) -> (clip (1, 3, T, H', W') normalised, box) resized so the short side is `short_side`,
-    without cropping (the networks are fully convolutional; the paper tests this way too). box = whole frame."""
-    T, H, W, _ = frames.shape
-    s = short_side / min(H, W)
-    h, w = max(1, round(H * s)), max(1, round(W * s))
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0  # (T, 3, H, W)
-    if (h, w) != (H, W):
-        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    sd = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    x = ((x - m) / sd).permute(1, 0, 2, 3).unsqueeze(0).contiguous()  # (T, 3, h, w) -> (1, 3, T, h, w)
-    return x, (0.0, 0.0, float(W), float(H))
+def model_input(
+    frames: np.ndarray,
+    *,
+    view: str,
+    short_side: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    crop_size: int | None = None,
+    model_frames: np.ndarray | None = None,
+) -> tuple[torch.Tensor, Box]:
+    """The model's input for one view of a clip -> (clip float32 (1, 3, T, h, w), box (x0, y0, x1, y1) of the
+    region it shows, in the pixels of `frames`).
+
+    frames: uint8 (T, H, W, 3) as the pictures show them. model_frames: the same frames decoded at the view's short
+    side (`read_clip_indexed` with the view, as eval/predict decode theirs), or None to resize `frames` themselves.
+    The view is `nlvid.data.transforms.single_view`: "full" (short side resized to `short_side`, no crop) or
+    "center" (the centre crop_size crop of `nlvid.data.test_views`)."""
+    if view not in VIEWS:
+        raise ConfigError(f"--view {view!r}: allowed: {', '.join(VIEWS)}")
+    src = frames if model_frames is None else model_frames
+    clip, (x0, y0, x1, y1) = single_view(src, view, short_side=short_side, crop_size=crop_size or short_side,
+                                         mean=mean, std=std)
+    sy, sx = frames.shape[1] / src.shape[1], frames.shape[2] / src.shape[2]  # model-frame pixels -> frames' pixels
+    return clip, (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
 
 
-def center_view(frames: np.ndarray, *, short_side: int, crop_size: int, mean, std):
-    """The centre crop of `nlvid.data.test_views` (what eval/predict use for one crop) and its box."""
-    from nlvid.data import test_views
+def rows_fn(recorder: Any, name: str) -> Callable[[torch.Tensor], tuple[torch.Tensor, tuple[int, int, int]]]:
+    """`rows(cells (Q, 3) long) -> (raw weights (Q, Nk), key_grid)` of block `name` from an AttentionRecorder that
+    saw the forward pass."""
 
-    views, boxes = test_views(frames, short_side=short_side, crop_size=crop_size, num_crops=1, mean=mean, std=std)
-    return views[:1], tuple(float(v) for v in boxes[0])
-
-
-def _rows_fn(recorder: Any, name: str) -> Callable[[torch.Tensor], tuple[torch.Tensor, tuple[int, int, int]]]:
     def rows(cells: torch.Tensor):
         w, kg = recorder.attention(name, cells)
         return w[0], tuple(int(v) for v in kg)  # (1, Q, Nk) -> (Q, Nk)
@@ -538,19 +545,14 @@ def attend_clip(
     topk: int = 20,
     source_frames: Sequence[int] = (),
     timestamps: Sequence[float] = (),
+    model_frames: np.ndarray | None = None,
     device: str | torch.device = "cpu",
 ) -> ClipAttention:
     """One forward pass over one view of `frames` (uint8 (T, H, W, 3)), then attention of the chosen queries of
-    each block in `blocks`. view: "full" (short side resized to `short_side`, no crop) or "center" (the centre
-    crop_size crop of nlvid.data.test_views)."""
-    from nlvid.models import AttentionRecorder
-
-    if view == "full":
-        clip, box = full_view(frames, short_side=short_side, mean=mean, std=std)
-    elif view == "center":
-        clip, box = center_view(frames, short_side=short_side, crop_size=crop_size or short_side, mean=mean, std=std)
-    else:
-        raise ConfigError(f"--view {view!r}: allowed: full, center")
+    each block in `blocks`. The model's input is `model_input` (view "full" or "center"; from `model_frames` when
+    given: the same frames decoded at the view's short side, see `read_clip_indexed`)."""
+    clip, box = model_input(frames, view=view, short_side=short_side, crop_size=crop_size, mean=mean, std=std,
+                            model_frames=model_frames)
     T, H, W, _ = frames.shape
     shown = shown_frames(T, num_shown, [q[0] for q in queries or ()])
     modules = nl_blocks(model)
@@ -563,7 +565,7 @@ def attend_clip(
             x = rec.inputs[name]
             out_blocks.append(
                 analyse_block(
-                    _rows_fn(rec, name),
+                    rows_fn(rec, name),
                     name=name,
                     block=modules[name],
                     input_shape=tuple(clip.shape[-3:]),
@@ -583,132 +585,54 @@ def attend_clip(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Does the attention look where it should? (synthetic long-range dataset)
-
-
-def _overlap_fraction(box: Sequence[float], obj: Sequence[float]) -> float:
-    """Area of box inside obj / area of box."""
-    ix = max(0.0, min(box[2], obj[2]) - max(box[0], obj[0]))
-    iy = max(0.0, min(box[3], obj[3]) - max(box[1], obj[1]))
-    area = max(1e-9, (box[2] - box[0]) * (box[3] - box[1]))
-    return ix * iy / area
-
-
-def _frames_overlap(frames: Sequence[int], grid: GridMap, span: Sequence[int]) -> bool:
-    return any(span[0] <= grid.source_frame(i) <= span[1] for i in frames)
-
-
-def localization_score(
-    model: torch.nn.Module,
-    root: str | Path,
-    *,
-    split: str = "val",
-    block: str | None = None,
-    num_frames: int,
-    stride: int,
-    short_side: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    topk: int = 20,
-    max_clips: int | None = None,
-) -> dict[str, Any]:
-    """How often a query on one decisive object attends to the other object, against chance.
-
-    For every clip of `split` in `root/annotations.json` (written by `nlvid.data.write_synthetic`) with at least two
-    objects: decode the clip as visualize does (full view), and for every query cell whose centre lies inside an
-    object's box in a frame where that object is visible, take its top-k keys (display weights). hit = mean over
-    those keys of the key cell's area fraction inside ANOTHER object's box (when the key's frames overlap that
-    object's frames); chance = the same fraction averaged over all key cells. Returns
-    {"hit_rate", "chance_rate", "ratio", "num_queries", "num_clips", "block", "topk"}.
-    """
-    from nlvid.models import AttentionRecorder
-
-    root = Path(root)
-    ann = json.loads((root / "annotations.json").read_text())
-    clips = [(rel, c) for rel, c in sorted(ann["clips"].items()) if rel.startswith(split + "/")]
-    clips = [(rel, c) for rel, c in clips if len(c.get("objects", [])) >= 2]
-    if max_clips is not None:
-        clips = clips[:max_clips]
-    if not clips:
-        raise NlvidError(f"{root / 'annotations.json'}: no {split} clips with two or more objects")
-    name = resolve_blocks(model, block)[0]
-    module = nl_blocks(model)[name]
-    inst = block_instantiation(module)
-    hit_sum = chance_sum = 0.0
-    n_q = 0
-    model.eval()
-    for rel, info in clips:
-        frames, source, _ = read_clip_indexed(root / rel, num_frames=num_frames, stride=stride)
-        T, H, W, _ = frames.shape
-        clip, box = full_view(frames, short_side=short_side, mean=mean, std=std)
-        with torch.no_grad(), AttentionRecorder(model, blocks=[name]) as rec:
-            model(clip)
-            qgrid = tuple(rec.inputs[name].shape[-3:])
-            rows = _rows_fn(rec, name)
-            _, kgrid = rows(torch.zeros(1, 3, dtype=torch.long))
-            grid = GridMap(tuple(clip.shape[-3:]), qgrid, kgrid, key_pool_for(module, qgrid, kgrid), box, (W, H),
-                           tuple(source))
-            key_cells = grid.key_cells()
-            objs = info["objects"]
-            # membership[o][j]: area fraction of key j inside object o (0 when no frame overlaps)
-            member = np.zeros((len(objs), len(key_cells)))
-            for o, ob in enumerate(objs):
-                for j, kc in enumerate(key_cells):
-                    if _frames_overlap(grid.frames_of_kt(int(kc[0])), grid, ob["frames"]):
-                        member[o, j] = _overlap_fraction(grid.key_box(kc), ob["box"])
-            for o, ob in enumerate(objs):
-                others = [p for p in range(len(objs)) if p != o]
-                other_member = member[others].max(0)  # (Nk,)
-                cells = []
-                for ti in range(qgrid[0]):
-                    if not _frames_overlap(grid.frames_of_qt(ti), grid, ob["frames"]):
-                        continue
-                    for hi in range(qgrid[1]):
-                        for wi in range(qgrid[2]):
-                            cx, cy = grid.query_center((ti, hi, wi))
-                            bx = ob["box"]
-                            if bx[0] <= cx < bx[2] and bx[1] <= cy < bx[3]:
-                                cells.append((ti, hi, wi))
-                if not cells:
-                    continue
-                raw, _ = rows(torch.tensor(cells, dtype=torch.long))
-                dw = display_weights(raw, inst)
-                idx = dw.topk(max(1, min(topk, dw.shape[-1])), dim=-1).indices.numpy()  # (Q, k)
-                hit_sum += float(other_member[idx].mean(1).sum())
-                chance_sum += float(other_member.mean()) * len(cells)
-                n_q += len(cells)
-    hit = hit_sum / max(1, n_q)
-    chance = chance_sum / max(1, n_q)
-    return {
-        "hit_rate": hit,
-        "chance_rate": chance,
-        "ratio": hit / chance if chance > 0 else float("nan"),
-        "num_queries": n_q,
-        "num_clips": len(clips),
-        "block": name,
-        "topk": topk,
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Decoding with known source-frame indices
 
 
-def read_clip_indexed(path: str | Path, *, num_frames: int, stride: int, start: float | None = None):
-    """-> (frames uint8 (T, H, W, 3), source frame indices (T,), timestamps (T,)): one clip of `num_frames` frames
-    every `stride` frames, centred in the video when `start` is None, sampled like `nlvid.data.read_clip` (same
-    `clip_indices`, looping for short videos) and decoded with `read_frames` at index / fps, so every frame the
-    visualiser shows is known by its index in the video."""
-    from nlvid.data import probe, read_frames
-    from nlvid.data.decode import clip_indices
+@dataclass(frozen=True)
+class IndexedClip:
+    """One clip, its frames known by their index in the video."""
 
-    info = probe(path)
-    fps = float(info.fps) if info.fps and info.fps > 0 else 25.0
-    total = int(info.num_frames) if info.num_frames and info.num_frames > 0 else round(info.duration * fps)
-    total = max(1, total)
-    span = (num_frames - 1) * stride + 1
-    first = max(0, (total - span) // 2) if start is None else int(round(float(start) * fps))
-    idx = [int(i) for i in clip_indices(first, num_frames=num_frames, stride=stride, total=total)]
-    ts = [i / fps for i in idx]
-    frames = read_frames(path, ts)
-    return np.asarray(frames), idx, ts
+    frames: np.ndarray  # uint8 (T, H, W, 3) at the video's size: what the pictures show
+    model_frames: np.ndarray | None  # uint8 (T, h, w, 3): the same frames decoded at the model's short side
+    source_frames: list[int]  # per frame: its index in the video
+    timestamps: list[float]  # per frame: seconds from the first frame
+
+
+def read_clip_indexed(
+    path: str | Path,
+    *,
+    num_frames: int,
+    stride: int,
+    start: float | None = None,
+    view: str | None = None,
+    short_side: int | None = None,
+    crop_size: int | None = None,
+) -> IndexedClip:
+    """One clip of `num_frames` frames every `stride` frames, picked and decoded like eval/predict pick and decode
+    theirs: centred in the video when `start` (seconds) is None (`uniform_starts` with one clip: the clip
+    `nlvid.engine.predict` takes with num_clips=1), frame indices by `clip_indices` (looping for short videos),
+    decoded by `read_clips`, so every frame is known by its index in the video.
+
+    The frames are decoded at the video's size for the pictures and, when `view` is given, once more for the
+    model with the short side resized during decoding to `view_short_side(view, short_side, crop_size)`, as
+    eval/predict decode theirs."""
+    fps = probe(path).fps
+    picked: list[np.ndarray] = []
+
+    def starts(total: int) -> list[int]:
+        if start is None:
+            first = uniform_starts(total, num_frames=num_frames, stride=stride, num_clips=1)[0]
+        else:
+            first = int(round(float(start) * fps))
+        picked.append(clip_indices(first, num_frames=num_frames, stride=stride, total=total))
+        return [first]
+
+    (frames,) = read_clips(path, starts, num_frames=num_frames, stride=stride)
+    model_frames = None
+    if view is not None:
+        if short_side is None:
+            raise ValueError("read_clip_indexed: view needs short_side")
+        decode_side = view_short_side(view, short_side, crop_size or short_side)
+        (model_frames,) = read_clips(path, starts, num_frames=num_frames, stride=stride, short_side=decode_side)
+    idx = [int(i) for i in picked[0]]
+    return IndexedClip(np.asarray(frames), model_frames, idx, [i / fps for i in idx])

@@ -8,11 +8,16 @@ normalised (`nlvid.viz.attention.normalisation_note`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import av
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
 
 from nlvid.viz.attention import BlockAttention, ClipAttention, GridMap
 
@@ -42,6 +47,7 @@ def colormap(v: np.ndarray) -> np.ndarray:
 
 
 def font(size: int = 16) -> ImageFont.ImageFont:
+    """PIL's default font at `size` px (every figure of nlvid.viz uses this one)."""
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: fixed bitmap font
@@ -348,8 +354,6 @@ def save_gif(images: Sequence[Image.Image], path: str | Path, *, ms_per_frame: i
 
 def save_mp4(images: Sequence[Image.Image], path: str | Path, *, fps: float = 4.0) -> None:
     """H.264 (libx264, else MPEG-4 Part 2) through PyAV; sizes rounded down to even numbers."""
-    import av
-
     w, h = images[0].size
     w, h = w - w % 2, h - h % 2
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
@@ -364,28 +368,44 @@ def save_mp4(images: Sequence[Image.Image], path: str | Path, *, fps: float = 4.
             out.mux(packet)
 
 
-def write_outputs(clip: ClipAttention, out_dir: str | Path, *, mp4: bool = False) -> list[Path]:
-    """Per block and query: <block>_q<i>.png and .gif (+ .mp4); per block: <block>_summary.png. Returns paths."""
+@dataclass
+class BlockFiles:
+    """File names (in the output folder) written for one block."""
+
+    queries: list[dict[str, str]]  # per query: {"png": ..., "gif": ...} (+ "mp4")
+    summary_png: str
+
+
+@dataclass
+class WrittenFiles:
+    """What `write_outputs` wrote: every path in order, and the file names per block (by block name)."""
+
+    paths: list[Path] = field(default_factory=list)
+    blocks: dict[str, BlockFiles] = field(default_factory=dict)
+
+
+def write_outputs(clip: ClipAttention, out_dir: str | Path, *, mp4: bool = False) -> WrittenFiles:
+    """Per block and query: <block>_q<i>.png and .gif (+ .mp4); per block: <block>_summary.png."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    written = WrittenFiles()
     for b in clip.blocks:
         stem = b.name.replace(".", "_")
+        queries = []
         for qi in range(len(b.queries)):
-            p = out_dir / f"{stem}_q{qi + 1}.png"
-            query_figure(clip, b, qi).save(p, compress_level=3)
-            written.append(p)
+            names = {"png": f"{stem}_q{qi + 1}.png", "gif": f"{stem}_q{qi + 1}.gif"}
+            query_figure(clip, b, qi).save(out_dir / names["png"], compress_level=3)
             frames = gif_frames(clip, b, qi)
-            g = out_dir / f"{stem}_q{qi + 1}.gif"
-            save_gif(frames, g)
-            written.append(g)
+            save_gif(frames, out_dir / names["gif"])
             if mp4:
-                m = out_dir / f"{stem}_q{qi + 1}.mp4"
-                save_mp4(frames, m)
-                written.append(m)
-        s = out_dir / f"{stem}_summary.png"
-        summary_figure(clip, b).save(s, compress_level=3)
-        written.append(s)
+                names["mp4"] = f"{stem}_q{qi + 1}.mp4"
+                save_mp4(frames, out_dir / names["mp4"])
+            written.paths += [out_dir / n for n in names.values()]
+            queries.append(names)
+        summary = f"{stem}_summary.png"
+        summary_figure(clip, b).save(out_dir / summary, compress_level=3)
+        written.paths.append(out_dir / summary)
+        written.blocks[b.name] = BlockFiles(queries, summary)
     return written
 
 
@@ -393,10 +413,8 @@ def write_outputs(clip: ClipAttention, out_dir: str | Path, *, mp4: bool = False
 # Terminal
 
 
-def _halfblock(img: np.ndarray):
+def _halfblock(img: np.ndarray) -> Text:
     """uint8 (H, W, 3) with even H -> rich Text of H/2 lines of "▀" (fg = upper pixel, bg = lower pixel)."""
-    from rich.text import Text
-
     t = Text()
     for r in range(0, img.shape[0] - 1, 2):
         for c in range(img.shape[1]):
@@ -407,12 +425,8 @@ def _halfblock(img: np.ndarray):
     return t
 
 
-def terminal_renderable(clip: ClipAttention, *, width: int = 100, max_keys: int = 5):
+def terminal_renderable(clip: ClipAttention, *, width: int = 100, max_keys: int = 5) -> Group:
     """Frames with the heat overlay, query (green) and top keys (cyan) as half-block cells, plus a hotspot table."""
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
-
     parts = []
     n = len(clip.shown)
     H, W = clip.frames.shape[1:3]
