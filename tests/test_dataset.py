@@ -15,9 +15,9 @@ import torch
 from rich.console import Console
 
 import nlvid.data.dataset as ds_mod
+from nlvid.cli.common import format_scan_table
 from nlvid.data import (
     VideoDataset,
-    format_scan_table,
     make_loader,
     resolve_splits,
     scan_dataset,

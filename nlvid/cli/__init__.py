@@ -18,7 +18,7 @@ import typer
 
 from nlvid import __version__
 from nlvid.cli import build, evaluate, predict, synth, train, visualize
-from nlvid.cli.common import print_error
+from nlvid.cli.common import log_to_stderr, print_error
 from nlvid.errors import NlvidError
 
 app = typer.Typer(
@@ -45,6 +45,7 @@ app.command("synth")(synth.synth)
 # command -> {config key: the flag of that command that sets it}; main() names the flag after an error keyed so
 KEY_FLAGS: dict[str, dict[str, str]] = {
     "build": build.KEY_FLAGS,
+    "train": train.KEY_FLAGS,
     "eval": evaluate.KEY_FLAGS,
     "predict": predict.KEY_FLAGS,
     "visualize": visualize.KEY_FLAGS,
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: runs one command and exits with its code (0 ok, 1 runtime, 2 usage/config)."""
     args = sys.argv[1:] if argv is None else [str(a) for a in argv]
     command = next((a for a in args if not a.startswith("-")), None)
+    log_to_stderr()
     try:
         code = app(args=args, prog_name="nlvid", standalone_mode=False)
     except typer.TyperException as e:  # usage errors: unknown option, bad or missing value, missing argument

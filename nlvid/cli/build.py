@@ -20,7 +20,7 @@ from nlvid.models.summary import format_bytes, format_count
 
 # config key -> the flag of `nlvid build` that sets it
 KEY_FLAGS = {"model.layout": "--layout", "data.num_frames": "--frames", "data.crop_size": "--size",
-             "model.num_classes": "--classes"}
+             "model.num_classes": "--classes", "init": "--init"}
 
 
 def _table(name: str, summary: dict, classes: int):

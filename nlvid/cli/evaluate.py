@@ -11,9 +11,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from nlvid.cli.common import err_console, out_console
+from nlvid.cli.common import err_console, format_scan_table, out_console
 from nlvid.cli.options import DeviceOption, JsonOption, out_option
-from nlvid.data import format_scan_table
 from nlvid.engine.evaluate import evaluate_checkpoint, public_report, write_report
 from nlvid.viz.confusion import render_confusion_png
 

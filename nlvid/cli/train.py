@@ -10,10 +10,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from nlvid.cli.common import err_console, out_console
+from nlvid.cli.common import err_console, format_scan_table, out_console
 from nlvid.cli.options import InitOption, SetOption, out_option
 from nlvid.config import load_config
-from nlvid.data import format_scan_table
 from nlvid.engine.distributed import env_info
 from nlvid.engine.train import train as run_train
 from nlvid.errors import ConfigError
@@ -24,6 +23,10 @@ def _fmt_eta(seconds: float) -> str:
     seconds = max(0, int(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
         f"{seconds // 60}:{seconds % 60:02d}"
+
+
+# config key -> the flag of this command that sets it (main() appends it to a keyed error)
+KEY_FLAGS = {"init": "--init"}
 
 
 class LineReporter:

@@ -19,7 +19,7 @@ from nlvid.viz.attention import attend_clip, read_clip_indexed, resolve_blocks
 from nlvid.viz.render import terminal_renderable, write_outputs
 
 # config key -> the flag of `nlvid visualize` that sets it
-KEY_FLAGS = {"train.device": "--device"}
+KEY_FLAGS = {"train.device": "--device", "block": "--block", "query": "--query", "view": "--view"}
 
 
 def parse_query(text: str) -> tuple[int, float, float]:
@@ -68,8 +68,6 @@ def visualize(
     dev = resolve_device(device)
     model, classes, cfg = load_model(path, device=dev)
     names = resolve_blocks(model, block)
-    if not clip.exists():
-        raise ConfigError(f"{clip}: file not found")
     d = cfg.data
     decoded = read_clip_indexed(clip, num_frames=d.num_frames, stride=d.stride, start=start, view=view,
                                 short_side=d.test_short_side, crop_size=d.test_crop_size)

@@ -3,7 +3,6 @@
 from nlvid.data.dataset import (
     DatasetIndex,
     VideoDataset,
-    format_scan_table,
     make_loader,
     resolve_splits,
     scan_dataset,
@@ -16,7 +15,6 @@ __all__ = [
     "DatasetIndex",
     "VideoDataset",
     "VideoInfo",
-    "format_scan_table",
     "make_loader",
     "probe",
     "read_clip",

@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import os
+import random
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -362,30 +363,6 @@ def scan_dataset(
                         probed=len(todo))
 
 
-def format_scan_table(index: DatasetIndex, *, max_unreadable: int = 10):
-    """A rich renderable for stderr: clips and unreadable files per class, then the unreadable files."""
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
-
-    title = f"{index.source}" if index.source is not None else "dataset"
-    table = Table(title=title, title_justify="left", show_footer=True)
-    table.add_column("class", footer="total")
-    table.add_column("clips", justify="right", footer=str(len(index.items)))
-    table.add_column("unreadable", justify="right", footer=str(len(index.unreadable)))
-    for c in index.classes:
-        bad = index.unreadable_counts.get(c, 0)
-        table.add_row(c, str(index.counts.get(c, 0)), f"[red]{bad}[/]" if bad else "0")
-    parts: list[Any] = [table]
-    for p, reason in index.unreadable[:max_unreadable]:
-        parts.append(Text(f"unreadable, skipped: {p}: {reason}", style="yellow"))
-    if len(index.unreadable) > max_unreadable:
-        parts.append(Text(f"... and {len(index.unreadable) - max_unreadable} more unreadable files", style="yellow"))
-    if index.ignored:
-        parts.append(Text(f"ignored {len(index.ignored)} non-video file(s), e.g. {index.ignored[0]}", style="dim"))
-    return Group(*parts)
-
-
 # ---------------------------------------------------------------------------------------------------- dataset
 
 
@@ -524,8 +501,6 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def _worker_init(worker_id: int, *, seed: int) -> None:
-    import random
-
     torch.set_num_threads(1)  # workers decode; the main process computes
     s = (int(seed) * 1000 + worker_id) & 0xFFFFFFFF
     random.seed(s)

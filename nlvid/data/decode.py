@@ -31,7 +31,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
 
+import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from nlvid.data.sampling import clip_indices, clip_span
 from nlvid.errors import DecodeError
@@ -77,8 +79,6 @@ class VideoInfo:
 
 def _open(path: Path):
     """av.open with the failure modes turned into DecodeError; returns (container, video stream)."""
-    import av
-
     if not path.exists():
         raise DecodeError(path, "file not found")
     if path.is_dir():
@@ -307,8 +307,6 @@ class _Video:
     def _decode_sorted(self, wanted, order, t_min, t_max, tol, frame_dur, short_side, *, seek: bool):
         """One decoding pass. Returns (frames by wanted index, answered flags, error or None), or None when the
         seek overshot t_min (caller retries from the start)."""
-        import av
-
         answers = _Answers(wanted, order, tol, short_side)
         try:
             if seek:
@@ -345,8 +343,6 @@ class _Video:
         """Demux and decode from the current position. Returns (state, error): state _DONE when every wanted time
         is answered, _OVERSHOT when the first frame lies after the seek target, None otherwise; error when a limit
         is hit or the stream fails; (None, None) at the end of the stream."""
-        import av
-
         decoded = 0
         try:
             for packet in self.container.demux(self.stream):
@@ -368,8 +364,6 @@ class _Video:
 
     def _flush_decoder(self, window: _ReorderWindow) -> None:
         """End of stream: move the frames the decoder still holds into the reordering window."""
-        import av
-
         try:
             for frame in self.stream.codec_context.decode(None):
                 window.push(frame)
@@ -560,8 +554,6 @@ def _reformatter():
     inherited by a forked DataLoader worker then deadlocks on threads that do not exist in the child."""
     r = getattr(_local, "reformatter", None)
     if r is None:
-        from av.video.reformatter import VideoReformatter
-
         r = _local.reformatter = VideoReformatter()
     return r
 
@@ -607,8 +599,6 @@ def _rotation_of(frame) -> int:
 def probe(path: str | Path) -> VideoInfo:
     """Metadata from the container (plus a demux-only packet scan when the header lacks a frame count or
     duration) and the first decoded frame (rotation, display size; proves the stream decodes)."""
-    import av
-
     with _Video(path) as v:
         frame = None
         try:

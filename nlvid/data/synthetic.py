@@ -35,6 +35,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+import av
 import numpy as np
 
 from nlvid.errors import ConfigError
@@ -151,8 +152,6 @@ def _clip(rng: np.random.Generator, label: int, classes: int):
 
 
 def _encode(path: Path, frames: np.ndarray) -> None:
-    import av
-
     with av.open(str(path), mode="w") as out:
         stream = out.add_stream("libx264", rate=FPS, options={"crf": "18", "preset": "veryfast", "threads": "1",
                                                                 "bframes": "0"})

@@ -58,10 +58,6 @@ def _decode_one(
     segments: float | None,
 ) -> _Decoded:
     try:
-        if not path.exists():
-            raise NlvidError(f"{path}: file not found")
-        if path.is_dir():
-            raise NlvidError(f"{path}: is a folder, not a video file")
         windows: list[tuple[float, float]] = []
         seg_starts: list[int] = []
         if segments:

@@ -279,9 +279,7 @@ def _torch_load(path: Path, fmt: str) -> Any:
 
 def _numpy_global(name: str) -> Callable[[], Any]:
     def get() -> Any:
-        core = getattr(np, "_core", None)  # numpy >= 2 (numpy.core is a deprecated alias there)
-        if core is None:  # pragma: no cover (numpy 1.x)
-            import numpy.core as core  # type: ignore[no-redef]
+        core = getattr(np, "_core", None) or np.core  # numpy >= 2 has _core (core is a deprecated alias there)
         return getattr(core.multiarray, name)
 
     return get

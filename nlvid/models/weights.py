@@ -161,14 +161,14 @@ def parse_init(init: str) -> tuple[str, Path]:
     """'imagenet=resnet50.pth' -> ('imagenet', Path); ConfigError naming the allowed formats."""
     formats = init_formats()
     if "=" not in init:
-        raise ConfigError(f"--init {init!r}: expected FORMAT=PATH, e.g. imagenet=resnet50.pth; "
-                          f"formats: {', '.join(formats)}")
+        raise ConfigError(f"init {init!r}: expected FORMAT=PATH, e.g. imagenet=resnet50.pth; "
+                          f"formats: {', '.join(formats)}", key="init")
     fmt, path = init.split("=", 1)
     fmt = fmt.strip().lower()
     if fmt not in formats:
-        raise ConfigError(f"--init: unknown format {fmt!r}; allowed: {', '.join(formats)}")
+        raise ConfigError(f"init: unknown format {fmt!r}; allowed: {', '.join(formats)}", key="init")
     if not path:
-        raise ConfigError(f"--init {init!r}: missing PATH after '='")
+        raise ConfigError(f"init {init!r}: missing PATH after '='", key="init")
     return fmt, Path(path)
 
 

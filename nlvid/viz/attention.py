@@ -82,7 +82,8 @@ def resolve_blocks(model: torch.nn.Module, block: str | None) -> list[str]:
     if block == "all":
         return blocks
     if block not in blocks:
-        raise ConfigError(f"--block {block!r}: not an NL block of this model; its NL blocks: {', '.join(blocks)}, all")
+        raise ConfigError(f"block {block!r}: not an NL block of this model; its NL blocks: {', '.join(blocks)}, all",
+                          key="block")
     return [block]
 
 
@@ -195,14 +196,14 @@ class GridMap:
         """Input frame index + original pixel (integer pixel = its centre) -> query cell. ConfigError if outside."""
         T, H, W = self.input_shape
         if not 0 <= frame < T:
-            raise ConfigError(f"--query frame {frame}: the clip has frames 0..{T - 1}")
+            raise ConfigError(f"query frame {frame}: the clip has frames 0..{T - 1}", key="query")
         x0, y0, x1, y1 = self.box
         xi = (x + 0.5 - x0) * W / (x1 - x0)
         yi = (y + 0.5 - y0) * H / (y1 - y0)
         if not (0 <= xi < W and 0 <= yi < H):
             raise ConfigError(
-                f"--query pixel ({x:g}, {y:g}) is outside the region the model sees: x in [{x0:g}, {x1:g}), "
-                f"y in [{y0:g}, {y1:g}) of the {self.frame_size[0]}x{self.frame_size[1]} frame"
+                f"query pixel ({x:g}, {y:g}) is outside the region the model sees: x in [{x0:g}, {x1:g}), "
+                f"y in [{y0:g}, {y1:g}) of the {self.frame_size[0]}x{self.frame_size[1]} frame", key="query"
             )
         _, gh, gw = self.query_grid
         return (self.qt_of_frame(frame), min(gh - 1, int(yi * gh / H)), min(gw - 1, int(xi * gw / W)))
@@ -434,7 +435,7 @@ def model_input(
     The view is `nlvid.data.transforms.single_view`: "full" (short side resized to `short_side`, no crop) or
     "center" (the centre crop_size crop of `nlvid.data.test_views`)."""
     if view not in VIEWS:
-        raise ConfigError(f"--view {view!r}: allowed: {', '.join(VIEWS)}")
+        raise ConfigError(f"view {view!r}: allowed: {', '.join(VIEWS)}", key="view")
     src = frames if model_frames is None else model_frames
     clip, (x0, y0, x1, y1) = single_view(src, view, short_side=short_side, crop_size=crop_size or short_side,
                                          mean=mean, std=std)
