@@ -168,12 +168,15 @@ def test_caffe2_pkl_reproduces_outputs_and_options_matter(tmp_path):
 
 
 def test_caffe2_frozen_bn_32x2_without_nl_bn(tmp_path):
-    ref = small_model("i3d_r50_nl5", seed=6, layout="32x2", stem_pool_padding=0, norm="none")
-    x = clip(8, 32)
+    # The official 128x1 model runs its res3 NL blocks on 4 groups of frames; the import sets that option.
+    ref = small_model("i3d_r50_nl5", seed=6, layout="32x2", stem_pool_padding=0, norm="none",
+                      nonlocal_group={"res3": 4})
+    x = clip(128, 32)
     path = write_caffe2_pkl(ref, tmp_path / "i3d_nonlocal_128x1_I3D_pretrain_400k.pkl", frozen_bn=True)
     assert not any(k.endswith("_rm") for k in read_caffe2_pickle(path))
     out, cfg, _, report = _import_and_run("caffe2", path, ModelConfig(name="i3d_r50_nl5"), x)
     assert (cfg.layout, cfg.norm, cfg.stem_pool_padding) == ("32x2", "none", 0)
+    assert cfg.nonlocal_group == {"res3": 4}
     assert _max_diff(out, _out(ref, x)) <= TOL
     assert any("frozen-BN" in line for line in report)
 

@@ -11,16 +11,19 @@ from rich.table import Table
 
 from nlvid.checkpoint import save_checkpoint
 from nlvid.cli.common import err_console, out_console
-from nlvid.cli.options import ExportOption, InitOption, JsonOption, LayoutOption, SetOption, out_option
+from nlvid.cli.options import (ExportOption, InitOption, JsonOption, LayoutOption, PretrainedOption, SetOption,
+                               out_option, pretrained_init)
 from nlvid.config import load_config
 from nlvid.errors import ConfigError
 from nlvid.models import build_with_init, list_models, summarize
 from nlvid.models.convert import EXPORTERS
+from nlvid.models.weights import init_data_settings
+from nlvid.models.zoo import config_overrides, get_entry
 from nlvid.models.summary import format_bytes, format_count
 
 # config key -> the flag of `nlvid build` that sets it
 KEY_FLAGS = {"model.layout": "--layout", "data.num_frames": "--frames", "data.crop_size": "--size",
-             "model.num_classes": "--classes", "init": "--init"}
+             "model.num_classes": "--classes", "init": "--init", "pretrained": "--pretrained"}
 
 
 def _table(name: str, summary: dict, classes: int):
@@ -61,9 +64,11 @@ def _table(name: str, summary: dict, classes: int):
 
 
 def build(
-    model: Annotated[str, typer.Argument(help="Model preset: c2d_r{18,34,50,101}, i3d_r{50,101}, "
-                                              "i3d333_r{50,101}, each also with _nl1/_nl5/_nl10, or tiny; a bundled "
-                                              "config name (sample_configs/) or a YAML path.", show_default=False)],
+    model: Annotated[Optional[str], typer.Argument(help="Model preset: c2d_r{18,34,50,101}, i3d_r{50,101}, "
+                                                        "i3d333_r{50,101}, each also with _nl1/_nl5/_nl10, or tiny; a "
+                                                        "bundled config name (sample_configs/) or a YAML path. "
+                                                        "Default with --pretrained: its preset.",
+                                                   show_default=False)] = None,
     frames: Annotated[Optional[int], typer.Option("--frames", "-t", help="Clip length T. Default: the config's "
                                                   "data.num_frames (8).")] = None,
     size: Annotated[Optional[int], typer.Option("--size", "-s", help="Square crop size. Default: the config's "
@@ -73,6 +78,7 @@ def build(
     layout: LayoutOption = None,
     set_: SetOption = None,
     init: InitOption = None,
+    pretrained: PretrainedOption = None,
     export: ExportOption = None,
     out: Annotated[Optional[Path], out_option("Write an nlvid checkpoint (model, resolved config, class names).")]
     = None,
@@ -89,8 +95,22 @@ def build(
       nlvid build i3d_r50_nl5 --init caffe2=i3d_nonlocal_8x8_r50.pkl --out i3d_nl5.pt
 
       nlvid build c2d_r50_nl5 --init imagenet=resnet50.pth --classes 10 --out c2d.pt
+
+      nlvid build --pretrained pysf_i3d_r50_nl_8x8 --out i3d_nl.pt
     """
-    overrides = list(set_ or [])
+    entry = get_entry(pretrained) if pretrained else None
+    if entry is not None and init is not None:
+        raise ConfigError("give --init or --pretrained, not both")
+    if model is None:
+        if entry is None:
+            raise ConfigError("missing argument MODEL (a preset, bundled config or YAML file; see --help)")
+        model = entry.preset
+    init_text = pretrained_init(entry.name) if entry is not None else (str(init) if init else None)
+    # the source's architecture options and preprocessing first, so that --set and the flags below win
+    overrides = config_overrides(entry) if entry is not None else []
+    source_data = {} if entry is not None else init_data_settings(init_text)
+    overrides += [f"data.{k}={json.dumps(v)}" for k, v in source_data.items()]
+    overrides += list(set_ or [])
     if layout is not None:
         overrides.append(f"model.layout={layout.value}")
     if frames is not None:
@@ -100,8 +120,10 @@ def build(
     if classes is not None and classes < 1:
         raise ConfigError(f"--classes {classes}: must be a positive integer")
     cfg = load_config(model, overrides, model_names=list_models())
-    net, model_cfg, class_names, report = build_with_init(cfg.model, str(init) if init else None,
-                                                          num_classes=classes)
+    net, model_cfg, class_names, report = build_with_init(cfg.model, init_text, num_classes=classes)
+    if source_data:
+        report.append("data: " + ", ".join(f"{k}={v}" for k, v in source_data.items())
+                      + " (the source's preprocessing; stored in the checkpoint's config unless --set says otherwise)")
     cfg.model = model_cfg
     T, S = cfg.data.num_frames, cfg.data.crop_size
     summary = summarize(net, (3, T, S, S))  # validates the clip against the strides first (ConfigError)

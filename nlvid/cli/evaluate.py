@@ -12,8 +12,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from nlvid.cli.common import err_console, format_scan_table, out_console
-from nlvid.cli.options import DeviceOption, JsonOption, out_option
+from nlvid.cli.options import DeviceOption, JsonOption, PretrainedOption, out_option, resolve_checkpoint
 from nlvid.engine.evaluate import evaluate_checkpoint, public_report, write_report
+from nlvid.errors import ConfigError
 from nlvid.viz.confusion import render_confusion_png
 
 # config key -> the flag of `nlvid eval` that sets it
@@ -43,9 +44,10 @@ def report_tables(report: dict[str, Any]):
 
 
 def evaluate(
-    checkpoint: Annotated[Path, typer.Argument(help="An nlvid checkpoint (best.pt / last.pt).", show_default=False)],
-    data: Annotated[Path, typer.Argument(help="Videos: folder per class, a root with val/ (evaluated), or an "
-                                              "annotation list.", show_default=False)],
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="An nlvid checkpoint (best.pt / last.pt); left out "
+                                                         "with --pretrained.", show_default=False)] = None,
+    data: Annotated[Optional[Path], typer.Argument(help="Videos: folder per class, a root with val/ (evaluated), "
+                                                        "or an annotation list.", show_default=False)] = None,
     clips: Annotated[Optional[int], typer.Option("--clips", help="Clips per video (default: the checkpoint's "
                                                  "config, 10 for the paper protocol).")] = None,
     crops: Annotated[Optional[int], typer.Option("--crops", help="Spatial crops per clip: 1 or 3.")] = None,
@@ -55,11 +57,25 @@ def evaluate(
     device: DeviceOption = "auto",
     workers: Annotated[Optional[int], typer.Option("--workers", help="Data loading processes.")] = None,
     json_: JsonOption = False,
+    pretrained: PretrainedOption = None,
 ) -> None:
     """Evaluate a checkpoint: video top-1/top-5, clip accuracy, mean class accuracy, per-class accuracy.
 
-    Example: nlvid eval runs/tiny/best.pt my_videos/ --clips 10 --crops 3 --json
+    Examples: nlvid eval runs/tiny/best.pt my_videos/ --clips 10 --crops 3 --json
+
+      nlvid eval --pretrained pysf_i3d_r50_nl_8x8 kinetics400/val
     """
+    if pretrained is not None:  # the only positional is DATA
+        if data is not None:
+            raise ConfigError("with --pretrained NAME give only DATA (the checkpoint is the converted NAME)")
+        checkpoint, data = None, checkpoint
+        if out is None:
+            out = Path(f"eval-{pretrained}")
+    if data is None:
+        raise ConfigError("missing argument DATA (the videos to evaluate): nlvid eval CHECKPOINT DATA, or "
+                          "nlvid eval --pretrained NAME DATA")
+    checkpoint = resolve_checkpoint(checkpoint, pretrained=pretrained)
+
     def progress(event: str, **d: Any) -> None:
         if event == "scan" and not json_:
             err_console.print(format_scan_table(d["index"]))

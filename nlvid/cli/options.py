@@ -27,11 +27,16 @@ from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
 import typer
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
 
+from nlvid.cli.common import err_console
 from nlvid.config import Choice
 from nlvid.data.transforms import VIEWS
-from nlvid.errors import CheckpointError
+from nlvid.errors import CheckpointError, ConfigError
 from nlvid.models.convert import EXPORTERS
+from nlvid.models.hub import pretrained_checkpoint, source_file
+from nlvid.models.zoo import get_entry
 from nlvid.models.resnet3d import LAYOUTS
 from nlvid.models.weights import init_formats
 
@@ -139,6 +144,12 @@ SetOption = Annotated[
     typer.Option("--set", help="Override a config key, e.g. --set optim.lr=0.1 (repeatable).", metavar="KEY=VALUE"),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+PretrainedOption = Annotated[
+    Optional[str],
+    typer.Option("--pretrained", metavar="NAME", show_default=False,
+                 help="Published weights by name (`nlvid models` lists them): downloaded, verified and converted "
+                 "once into ~/.cache/nlvid ($NLVID_HOME), with the source's preprocessing."),
+]
 
 
 def out_option(help: str) -> Any:
@@ -152,9 +163,81 @@ def out_option(help: str) -> Any:
 CHECKPOINT_ENV = "NLVID_CHECKPOINT"
 
 
-def resolve_checkpoint(path: str | Path | None, *, runs: str | Path = "runs") -> Path:
-    """The checkpoint a command uses: --checkpoint, else $NLVID_CHECKPOINT, else the newest `best.pt` under
-    ./runs/; else a CheckpointError saying how to get one."""
+class DownloadReporter:
+    """Renders `nlvid.models.hub` progress on stderr: the licence line, a download bar, retries, the import report."""
+
+    def __init__(self, console=None):
+        self.console = console or err_console
+        self.bar: Progress | None = None
+        self.task = None
+
+    def _line(self, text: str, style: str | None = None) -> None:
+        self.console.print(text, style=style, highlight=False, markup=False, soft_wrap=True)
+
+    def _stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+    def __call__(self, event: str, **d: Any) -> None:
+        if event == "notice":
+            self._line(d["text"], "bold")
+        elif event == "download":
+            self._stop()
+            self._line(f"downloading {d['url']}" + (f" (resuming at {d['done']:,} bytes)" if d["done"] else ""))
+            self.bar = Progress(TextColumn("  "), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                                TimeRemainingColumn(), console=self.console, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("", total=d["total"], completed=d["done"])
+        elif event == "bytes" and self.bar is not None:
+            self.bar.update(self.task, completed=d["done"], total=d["total"])
+        elif event == "retry":
+            self._stop()
+            self._line(f"download interrupted ({d['error']}); retrying in {d['wait']:g} s", "yellow")
+        elif event == "mirror":
+            self._stop()
+            self._line(f"trying the next mirror {d['url']} ({d['error']})", "yellow")
+        elif event == "downloaded":
+            self._stop()
+        elif event == "verify":
+            self._line("verifying the file (SHA-256, strict import)")
+        elif event == "report":
+            for line in d["lines"]:
+                self._line(line, "dim")
+        elif event == "converted":
+            self._line(f"cached {d['path']}")
+
+
+def pretrained_path(name: str) -> Path:
+    """The converted checkpoint of `--pretrained NAME` (downloading and converting it on first use)."""
+    reporter = DownloadReporter()
+    try:
+        return pretrained_checkpoint(name, progress=reporter)
+    finally:
+        reporter._stop()
+
+
+def pretrained_init(name: str) -> str:
+    """`--pretrained NAME` as an `--init` value: nlvid=<converted checkpoint> for a video classifier,
+    imagenet=<verified torchvision file> for an ImageNet backbone (downloaded on first use)."""
+    entry = get_entry(name)
+    if entry.is_classifier:
+        return f"nlvid={pretrained_path(entry.name)}"
+    reporter = DownloadReporter()
+    try:
+        return f"imagenet={source_file(entry, progress=reporter)}"
+    finally:
+        reporter._stop()
+
+
+def resolve_checkpoint(path: str | Path | None, *, runs: str | Path = "runs", pretrained: str | None = None) -> Path:
+    """The checkpoint a command uses: --checkpoint, else --pretrained NAME (the cached conversion of a published
+    file), else $NLVID_CHECKPOINT, else the newest `best.pt` under ./runs/; else a CheckpointError saying how to
+    get one."""
+    if path and pretrained:
+        raise ConfigError("give --checkpoint or --pretrained, not both")
+    if pretrained:
+        return pretrained_path(pretrained)
     if path:
         return Path(path)
     env = os.environ.get(CHECKPOINT_ENV)
@@ -165,7 +248,8 @@ def resolve_checkpoint(path: str | Path | None, *, runs: str | Path = "runs") ->
     if found:
         return found[-1]
     raise CheckpointError(
-        f"no checkpoint given: pass --checkpoint FILE, set {CHECKPOINT_ENV}, or create one with "
+        f"no checkpoint given: pass --checkpoint FILE or --pretrained NAME (`nlvid models`), set {CHECKPOINT_ENV}, "
+        f"or create one with "
         f"`nlvid train DATA --config tiny --out runs/NAME` (writes runs/NAME/best.pt) or "
         f"`nlvid build PRESET --init FORMAT=FILE --out model.pt`"
     )

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from nlvid.cli.common import err_console, out_console, print_error
-from nlvid.cli.options import CheckpointOption, DeviceOption, JsonOption, resolve_checkpoint
+from nlvid.cli.options import CheckpointOption, DeviceOption, JsonOption, PretrainedOption, resolve_checkpoint
 from nlvid.config import test_data_kwargs
 from nlvid.engine.device import resolve_device
 from nlvid.engine.predict import predict_files
@@ -45,6 +45,7 @@ def _timeline(result: dict[str, Any]):
 def predict(
     clips: Annotated[list[Path], typer.Argument(help="Video files.", show_default=False)],
     checkpoint: CheckpointOption = None,
+    pretrained: PretrainedOption = None,
     topk: Annotated[int, typer.Option("--topk", "-k", min=1, help="Labels shown per video.")] = 5,
     num_clips: Annotated[Optional[int], typer.Option("--clips", min=1, help="Clips per video, evenly spaced "
                                                      "(default: the checkpoint's data.num_clips).")] = None,
@@ -60,9 +61,11 @@ def predict(
     """Predict the top labels of each video. Errors name the file on stderr; the others are still predicted
     (exit code 1 if any failed).
 
-    Example: nlvid predict a.mp4 b.mkv --checkpoint runs/tiny/best.pt --json
+    Examples: nlvid predict a.mp4 b.mkv --checkpoint runs/tiny/best.pt --json
+
+      nlvid predict clip.mp4 --pretrained pysf_i3d_r50_nl_8x8
     """
-    path = resolve_checkpoint(checkpoint)
+    path = resolve_checkpoint(checkpoint, pretrained=pretrained)
     dev = resolve_device(device)
     model, classes, cfg = load_model(path, device=dev)
     settings = test_data_kwargs(cfg.data, num_clips=num_clips, num_crops=num_crops)

@@ -26,8 +26,17 @@ Source facts this module relies on (checked in the sources, not guessed):
 - video-nonlocal-net (Caffe2): NONLOCAL.USE_MAXPOOL (pool before phi/g) and USE_SCALE default True; pool1 has no
   padding (55x55 at 224); frozen-BN ("affine") models store only `_bn_s`/`_bn_b` (y = s*x + b) and their NL blocks
   have no BN (NONLOCAL.USE_BN False, zero-init W_z); MODEL.USE_BGR False (RGB input).
-  Its frozen-BN models run the res3 NL on groups of 4 frames (`res_stage_nonlocal_group`); nlvid attends over all
-  frames, which the report says.
+  Its frozen-BN ("affine") models run the res3 NL on groups of 4 frames (`res_stage_nonlocal_group` ->
+  `add_nonlocal_group`, group_size=4, group_num = res3 frames / 4 at the training clip length): the import sets
+  `model.nonlocal_group` to that group count (4 for the 32x4 and 128x1 files).
+- PySlowFast's `c2d_nopool` architecture (C2D_NOPOOL_8x8_R50) has no temporal pool after res2 (_POOL1 [[1, 1, 1]]):
+  nlvid's `8x8_nopool` layout.
+
+Preprocessing the sources used (`source_data_settings`): frames x stride from the file name (`8x8`, `32x2x1`, ...),
+and MMAction2's ImageNet mean/std; `nlvid build --init ... --out` stores them in the checkpoint's data config.
+
+The container is told from the bytes (`sniff_format`: zip = torch >= 1.6 file, pickle = Caffe2 / legacy), never
+from the file extension.
 - MMAction2 ResNet3d + mmcv NonLocal3d: NL applied inside the Bottleneck after the residual add + ReLU (= nlvid's
   "after block i"); sub_sample wraps g and phi as Sequential(ConvModule, MaxPool3d(1,2,2)) (pool AFTER the convs);
   ConvModule with a norm has no conv bias (loaded as zeros); the Kinetics NL configs use use_scale=False.
@@ -67,6 +76,10 @@ __all__ = [
     "export_pyslowfast",
     "to_pyslowfast_names",
     "read_caffe2_pickle",
+    "sniff_format",
+    "source_data_settings",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "CAFFE2_RULES",
     "PYSLOWFAST_RULES",
     "MMACTION2_RULES",
@@ -79,6 +92,31 @@ class ImportResult:
     model_cfg: ModelConfig  # adjusted copy (source options)
     classes: list[str] | None  # Kinetics-400 names for 400-class files
     report: list[str]
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)  # `data.*` the source used (source_data_settings)
+
+
+# torchvision / MMAction2 normalisation of [0, 1] RGB (MMAction2: mean 123.675/116.28/103.53, std 58.395/57.12/57.375
+# on 0..255, i.e. these values x 255)
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def sniff_format(path: str | Path) -> str:
+    """What a weights file is, from its first bytes: "zip" (torch.save since 1.6: .pth / .pyth), "torch-legacy"
+    (torch.save's older pickle stream, starting with its magic number) or "pickle" (a Caffe2 .pkl); CheckpointError
+    for anything else (an HTML error page saved as .pkl, a truncated file)."""
+    path = Path(path)
+    require_file(path, "weights file")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head.startswith(b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"):
+        return "torch-legacy"  # pickle protocol 2, LONG1 torch.serialization.MAGIC_NUMBER
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    shown = head[:8].hex(" ") or "empty"
+    raise CheckpointError(f"{path}: not a weights file (first bytes {shown}: neither a torch zip nor a pickle)")
 
 
 def kinetics400_classes() -> list[str]:
@@ -539,7 +577,6 @@ def _finish(sd: dict[str, torch.Tensor], cfg: ModelConfig, report: list[str], pa
     cfg = dataclasses.replace(cfg, **extra)
     _check_against_model(sd, cfg, path)
     classes = kinetics400_classes() if num_classes == 400 else None
-    report.extend(_clip_hint(path))
     opts = ", ".join(f"{k}={getattr(cfg, k)}" for k in ("layout", "stem_pool_padding", "instantiation", "scale",
                                                         "pool_position", "pool_size", "norm")
                      if getattr(cfg, k) is not None)
@@ -552,14 +589,17 @@ def _finish(sd: dict[str, torch.Tensor], cfg: ModelConfig, report: list[str], pa
 _CLIP_SPEC = re.compile(r"(?<![0-9a-z])(8|16|32|64|128)x(1|2|4|8|16)(?![0-9])", re.IGNORECASE)
 
 
-def _clip_hint(path: Path) -> list[str]:
-    """'i3d_nonlocal_32x2_IN_pretrain_400k.pkl' -> how the source sampled clips (frames x stride), for `data.*`."""
-    m = _CLIP_SPEC.search(path.name)
-    if m is None:
-        return []
-    frames, stride = int(m[1]), int(m[2])
-    return [f"the file name says {frames}x{stride} clips: evaluate with --set data.num_frames={frames} "
-            f"--set data.stride={stride} (given to `nlvid build ... --out`, they are stored in the checkpoint)"]
+def source_data_settings(fmt: str, name: str) -> dict[str, Any]:
+    """The `data.*` values a source used, as far as nlvid knows them from the format and the file name:
+    num_frames / stride from '8x8', '32x2x1', '128x1' in the name; MMAction2 and torchvision (imagenet) files
+    normalise with the ImageNet mean/std (Caffe2 / PySlowFast: 0.45 / 0.225, nlvid's default)."""
+    out: dict[str, Any] = {}
+    m = _CLIP_SPEC.search(name)
+    if m is not None and fmt != "imagenet":
+        out["num_frames"], out["stride"] = int(m[1]), int(m[2])
+    if fmt in ("mmaction2", "imagenet"):
+        out["mean"], out["std"] = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    return out
 
 
 def _loaded_line(fmt: str, path: Path, n: int, skipped: list[str], what: str = "") -> str:
@@ -593,7 +633,7 @@ def import_pyslowfast(path: str | Path, model_cfg: ModelConfig) -> ImportResult:
     path = Path(path)
     _check_softmax_family(model_cfg, "PySlowFast")
     report: list[str] = []
-    if path.suffix.lower() == ".pkl":
+    if sniff_format(path) == "pickle":  # the model zoo's Caffe2-format files
         blobs = read_caffe2_pickle(path)
         sd, skipped, _ = _translate(blobs, CAFFE2_RULES, CAFFE2_SKIP, path, "Caffe2-format PySlowFast")
         report.append(_loaded_line("pyslowfast (Caffe2 .pkl)", path, len(sd), skipped, "*_momentum, lr, model_iter"))
@@ -604,9 +644,16 @@ def import_pyslowfast(path: str | Path, model_cfg: ModelConfig) -> ImportResult:
         report.append(_loaded_line("pyslowfast", path, len(sd), skipped))
         frozen_ok = False
     _fill_bn(sd, report, frozen_ok=frozen_ok, path=path)
-    options = dict(_NL_CONVENTION, pool_position="input", stem_pool_padding=1, layout="8x8")
-    return _finish(sd, model_cfg, report, path, options=options,
-                   forced=("pool_position", "stem_pool_padding", "layout"))
+    # PySlowFast's ResNets are the 8x8 geometry; its *_nopool architectures skip the temporal pool after res2
+    nopool = "nopool" in path.name.lower() or model_cfg.layout == "8x8_nopool"
+    layout = "8x8_nopool" if nopool else "8x8"
+    if nopool:
+        report.append("layout 8x8_nopool (PySlowFast c2d_nopool: no temporal pool after res2)")
+    options = dict(_NL_CONVENTION, pool_position="input", stem_pool_padding=1, layout=layout)
+    res = _finish(sd, model_cfg, report, path, options=options,
+                  forced=("pool_position", "stem_pool_padding", "layout"))
+    res.data = source_data_settings("pyslowfast", path.name)
+    return res
 
 
 _CAFFE2_LAYOUTS = ((re.compile(r"32x2|128x1"), "32x2"), (re.compile(r"8x8|32x4"), "8x8"))
@@ -637,9 +684,32 @@ def import_caffe2(path: str | Path, model_cfg: ModelConfig) -> ImportResult:
             report.append(f"layout {layout} (from the file name)")
             break
     if frozen and _placement(sd).get("res3"):
-        report.append("note: the official frozen-BN models run the res3 NL blocks on groups of 4 frames; nlvid "
-                      "attends over all res3 frames, so outputs differ slightly from Caffe2's")
-    return _finish(sd, model_cfg, report, path, options=options, forced=forced)
+        groups = _caffe2_res3_groups(path.name, options.get("layout", model_cfg.layout))
+        if groups is None:
+            report.append("note: the official frozen-BN models run the res3 NL blocks on groups of 4 frames at the "
+                          "training clip length, which the file name does not say: set model.nonlocal_group "
+                          "(e.g. {res3: 4} for 32-frame 8x8 or 128-frame 32x2 clips)")
+        elif groups > 1:
+            options["nonlocal_group"] = {"res3": groups}
+            forced.append("nonlocal_group")
+            report.append(f"model.nonlocal_group: {{res3: {groups}}} (the official frozen-BN models attend within "
+                          "groups of 4 consecutive res3 frames)")
+    res = _finish(sd, model_cfg, report, path, options=options, forced=forced)
+    res.data = source_data_settings("caffe2", path.name)
+    return res
+
+
+# res3 frames per input frame of each layout (stem and pool1 temporal strides, pool2)
+_RES3_FRAME_RATIO = {"8x8": 2, "32x2": 8, "mmaction2": 8, "8x8_nopool": 1}
+
+
+def _caffe2_res3_groups(name: str, layout: str | None) -> int | None:
+    """The official `add_nonlocal_group` group count: res3 frames / 4 at the training clip length (file name)."""
+    m = _CLIP_SPEC.search(name)
+    if m is None:
+        return None
+    t = int(m[1]) // _RES3_FRAME_RATIO.get(layout or "8x8", 2)
+    return max(1, t // 4) if t % 4 == 0 or t < 4 else None
 
 
 # MMAction2's I3D stem: conv1 stride (2, 2, 2), max-pool kernel (1, 3, 3) stride (2, 2, 2) padding (0, 1, 1).
@@ -701,10 +771,9 @@ def import_mmaction2(path: str | Path, model_cfg: ModelConfig) -> ImportResult:
                       "2x3x3 (max over frame pairs): the weights load exactly but logits differ slightly from "
                       "MMAction2's")
     forced.append("layout")
-    report.append("note: MMAction2 normalises with the ImageNet mean/std: evaluate with --set "
-                  "data.mean=[0.485,0.456,0.406] --set data.std=[0.229,0.224,0.225] (nlvid's default is 0.45/0.225, "
-                  "the Caffe2/PySlowFast values)")
-    return _finish(sd, model_cfg, report, path, options=options, forced=forced)
+    res = _finish(sd, model_cfg, report, path, options=options, forced=forced)
+    res.data = source_data_settings("mmaction2", path.name)
+    return res
 
 
 IMPORTERS: dict[str, Callable[[Path, ModelConfig], ImportResult]] = {

@@ -87,7 +87,8 @@ def create_model(name: str, *, num_classes: int = 400, layout: str | None = None
                  nonlocal_blocks: dict[str, list[int]] | None = None, instantiation: str | None = None,
                  scale: bool | None = None, pool_size: tuple[int, int, int] | None = None,
                  pool_position: str | None = None, mode: str | None = None, norm: str | None = None,
-                 stem_pool_padding: int | None = None, dropout: float = 0.5) -> ResNet3d:
+                 stem_pool_padding: int | None = None, dropout: float = 0.5,
+                 nonlocal_group: dict[str, int] | None = None) -> ResNet3d:
     """Build a preset; every keyword that is not None overrides it (these are `nlvid.config.ModelConfig`'s fields).
 
     `nonlocal_blocks={}` gives the preset's baseline (no NL blocks). Unknown names/values raise ConfigError.
@@ -107,6 +108,8 @@ def create_model(name: str, *, num_classes: int = 400, layout: str | None = None
         args["nonlocal_blocks"] = nonlocal_blocks
     if stem_pool_padding is not None:
         args["stem_pool_padding"] = stem_pool_padding
+    if nonlocal_group is not None:
+        args["nonlocal_group"] = nonlocal_group
     nl_kwargs = {}
     for key, value in dict(instantiation=instantiation, scale=scale, pool_size=pool_size,
                            pool_position=pool_position, mode=mode, norm=norm).items():

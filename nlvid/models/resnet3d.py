@@ -17,7 +17,10 @@ Variants are data:
   inflation pattern (official video-nonlocal-net pattern for I3D; C2D inflates nothing).
 - `LAYOUTS`: "8x8" (PySlowFast: conv1 stride (1,2,2), pool1 1x3x3, pool2 2x1x1 stride 2 after res2) and
   "32x2" (paper / official Caffe2: conv1 stride (2,2,2), pool1 2x3x3 stride 2, pool2 2x1x1 stride 2) and
-  "mmaction2" (MMAction2's I3D: conv1 stride (2,2,2), pool1 1x3x3 stride (2,2,2), pool2 2x1x1 stride 2).
+  "mmaction2" (MMAction2's I3D: conv1 stride (2,2,2), pool1 1x3x3 stride (2,2,2), pool2 2x1x1 stride 2) and
+  "8x8_nopool" (PySlowFast's c2d_nopool: 8x8 without pool2).
+- `nonlocal_group` ({"res3": 4}): the NL blocks of a stage run on G groups of consecutive frames (PySlowFast
+  NONLOCAL.GROUP; the official frozen-BN 32x4 / 128x1 models attend within 4 groups of 4 frames at res3).
 
 Speed: every 1xkxk convolution is a `FrameConv3d`, a Conv3d (same parameters and state-dict shapes) whose
 forward folds time into the batch and runs conv2d. The trunk keeps activations in `channels_last_3d` memory
@@ -71,6 +74,9 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     # MMAction2's I3D ResNet3d (conv1_stride_t=2, pool1_stride_t=2): pool1 subsamples time without pooling over it.
     "mmaction2": dict(stem_stride=(2, 2, 2), pool1_kernel=(1, 3, 3), pool1_stride=(2, 2, 2),
                       pool2_kernel=(2, 1, 1), pool2_stride=(2, 1, 1)),
+    # PySlowFast's `c2d_nopool` / `i3d_nopool` (_POOL1 = [[1, 1, 1]]): 8x8 without the temporal pool after res2.
+    "8x8_nopool": dict(stem_stride=(1, 2, 2), pool1_kernel=(1, 3, 3), pool1_stride=(1, 2, 2),
+                       pool2_kernel=(1, 1, 1), pool2_stride=(1, 1, 1)),
 }
 
 
@@ -280,20 +286,38 @@ class Stem(nn.Module):
         return self.pool(self.relu(conv_bn(self.conv, self.bn, x)))
 
 
-class Stage(nn.Module):
-    """Residual blocks plus Non-local blocks: `nl[str(i)]` runs on the output of `blocks[i]`."""
+def run_grouped(block: nn.Module, x: torch.Tensor, groups: int) -> torch.Tensor:
+    """`block` applied to each of `groups` chunks of consecutive frames of x (B, C, T, H, W) separately, in one call:
+    time is folded into the batch before the block and unfolded after (PySlowFast NONLOCAL.GROUP, the official
+    `add_nonlocal_group`). groups=1 is `block(x)`. T must be a multiple of `groups`."""
+    if groups == 1:
+        return block(x)
+    B, C, T, H, W = x.shape
+    if T % groups:
+        raise ConfigError(f"model.nonlocal_group: {T} frames at this stage do not split into {groups} groups")
+    # (B, C, T, H, W) -> (B, C, G, T/G, H, W) -> (B, G, C, T/G, H, W) -> (B*G, C, T/G, H, W)
+    y = x.reshape(B, C, groups, T // groups, H, W).transpose(1, 2).reshape(B * groups, C, T // groups, H, W)
+    y = block(y)
+    # (B*G, C, T/G, H, W) -> (B, G, C, T/G, H, W) -> (B, C, G, T/G, H, W) -> (B, C, T, H, W)
+    return y.reshape(B, groups, C, T // groups, H, W).transpose(1, 2).reshape(B, C, T, H, W)
 
-    def __init__(self, blocks: list[nn.Module], nl: dict[str, nn.Module]):
+
+class Stage(nn.Module):
+    """Residual blocks plus Non-local blocks: `nl[str(i)]` runs on the output of `blocks[i]` (on `group` groups of
+    consecutive frames separately when group > 1)."""
+
+    def __init__(self, blocks: list[nn.Module], nl: dict[str, nn.Module], group: int = 1):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.nl = nn.ModuleDict(nl)
+        self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(self.blocks):
             x = block(x)
             key = str(i)
             if key in self.nl:
-                x = self.nl[key](x)
+                x = run_grouped(self.nl[key], x, self.group)
                 if not x.is_contiguous(memory_format=torch.channels_last_3d):
                     x = x.contiguous(memory_format=torch.channels_last_3d)  # keep the trunk in one layout
         return x
@@ -347,12 +371,15 @@ class ResNet3d(nn.Module):
         stem_pool_padding: pool1 spatial padding, 1 (PySlowFast, 56x56 at 224) or 0 (Caffe2, 55x55).
         zero_init_last_bn: zero the last BN gamma of each residual branch (PySlowFast ZERO_INIT_FINAL_BN);
             default off (the paper and official code use gamma 1).
+        nonlocal_group: {"res3": 4}: that stage's NL blocks attend within 4 groups of consecutive frames
+            (PySlowFast NONLOCAL.GROUP); the stage's frame count must be a multiple of it.
     """
 
     def __init__(self, *, depth: int = 50, arch: str = "c2d", layout: str = "8x8", width: int = 64,
                  stage_depths: Sequence[int] | None = None, nonlocal_blocks: dict[str, Sequence[int]] | None = None,
                  nonlocal_kwargs: dict[str, Any] | None = None, num_classes: int = 400, dropout: float = 0.5,
-                 stem_pool_padding: int = 1, zero_init_last_bn: bool = False):
+                 stem_pool_padding: int = 1, zero_init_last_bn: bool = False,
+                 nonlocal_group: dict[str, int] | None = None):
         super().__init__()
         if depth not in STAGE_DEPTHS:
             raise ConfigError(f"depth {depth!r} is not one of {', '.join(map(str, STAGE_DEPTHS))}")
@@ -371,11 +398,13 @@ class ResNet3d(nn.Module):
         depths = tuple(stage_depths) if stage_depths is not None else STAGE_DEPTHS[depth]
         nonlocal_blocks = validate_nonlocal_blocks(nonlocal_blocks or {}, depths)
         nonlocal_kwargs = dict(nonlocal_kwargs or {})
+        nonlocal_group = validate_nonlocal_group(nonlocal_group or {})
 
         self.depth, self.arch, self.layout, self.width = depth, arch, layout, width
         self.stage_depths = depths
         self.nonlocal_blocks = nonlocal_blocks
         self.nonlocal_kwargs = nonlocal_kwargs
+        self.nonlocal_group = nonlocal_group
         self.stem_pool_padding = stem_pool_padding
         self.num_classes = num_classes
 
@@ -396,7 +425,7 @@ class ResNet3d(nn.Module):
                                         zero_init_last_bn=zero_init_last_bn))
                 dim_in = dim_inner * block_cls.expansion
             nl = {str(i): _make_nonlocal(dim_in, nonlocal_kwargs) for i in nonlocal_blocks.get(name, [])}
-            setattr(self, name, Stage(blocks, nl))
+            setattr(self, name, Stage(blocks, nl, nonlocal_group.get(name, 1)))
             self.stage_dims.append(dim_in)
             if name == "res2":
                 self.pool2 = nn.MaxPool3d(lay["pool2_kernel"], lay["pool2_stride"])
@@ -455,6 +484,8 @@ class ResNet3d(nn.Module):
         for name in STAGES[1:]:
             h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1  # 3x3 conv, stride 2, padding 1
             out[name] = (t, h, w)
+            if t % self.nonlocal_group.get(name, 1):
+                return None  # the stage's frames do not split into its NL groups
         # NL blocks need no check: their key/value pool kernel is min(pool_size, axis size) per axis.
         return out
 
@@ -472,6 +503,10 @@ class ResNet3d(nn.Module):
                         f"(needs >= {min_t} frames)")
         if min(height, width) < min_s:
             what.append(f"{height}x{width} is too small for the stem and stage strides (needs >= {min_s}x{min_s})")
+        groups = {s: g for s, g in self.nonlocal_group.items() if g > 1}
+        if not what and groups:
+            what.append(f"{frames} frames: the NL groups {groups} (model.nonlocal_group) need each stage's frame "
+                        f"count to be a multiple of its group count")
         if not what:
             what.append(f"clip {frames}x{height}x{width} does not fit (needs >= {min_t} frames and >= {min_s} px)")
         return ConfigError("input clip: " + "; ".join(what))
@@ -488,6 +523,20 @@ class ResNet3d(nn.Module):
 
 def _make_nonlocal(dim: int, kwargs: dict[str, Any]) -> nn.Module:
     return NonLocalBlock(dim, None, **kwargs)
+
+
+def validate_nonlocal_group(groups: dict[str, int]) -> dict[str, int]:
+    """Check {"res3": 4}: known stages, positive integer group counts."""
+    if not isinstance(groups, dict):
+        raise ConfigError(f"nonlocal_group {groups!r}: expected a mapping like {{res3: 4}}")
+    out = {}
+    for stage, g in groups.items():
+        if stage not in STAGES:
+            raise ConfigError(f"nonlocal_group: unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise ConfigError(f"nonlocal_group.{stage}: expected a positive integer (groups of frames), got {g!r}")
+        out[stage] = g
+    return out
 
 
 def validate_nonlocal_blocks(placement: dict[str, Sequence[int]], depths: Sequence[int]) -> dict[str, list[int]]:

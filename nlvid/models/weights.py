@@ -7,7 +7,7 @@
   response (exactly for C2D; for I3D up to the zero padding at the clip's first/last frames). NL blocks and the
   classifier keep their init (identity / normal 0.01).
 - `build_with_init(model_cfg, init, num_classes=...)`: the one entry point for `--init FORMAT=PATH` used by
-  `nlvid build` and `nlvid train`. Formats: imagenet (torchvision .pth), nlvid (an nlvid checkpoint), and whatever
+  `nlvid build` and `nlvid train`; `init_data_settings(init)`: the preprocessing (`data.*`) its source used. Formats: imagenet (torchvision .pth), nlvid (an nlvid checkpoint), and whatever
   `nlvid.models.convert.IMPORTERS` offers (pyslowfast, caffe2, mmaction2).
 """
 
@@ -23,7 +23,7 @@ from torch import nn
 from nlvid.checkpoint import load_checkpoint, read_torch_file
 from nlvid.config import Config, ModelConfig, config_from_dict, model_kwargs
 from nlvid.errors import CheckpointError, ConfigError
-from nlvid.models.convert import IMPORTERS
+from nlvid.models.convert import IMPORTERS, source_data_settings
 from nlvid.models.presets import create_model
 
 _SHOW = 5  # keys shown per category in error messages
@@ -170,6 +170,15 @@ def parse_init(init: str) -> tuple[str, Path]:
     if not path:
         raise ConfigError(f"init {init!r}: missing PATH after '='", key="init")
     return fmt, Path(path)
+
+
+def init_data_settings(init: str | None) -> dict[str, Any]:
+    """The `data.*` values the source of `init` ("FORMAT=PATH") used, as far as nlvid knows them (frames x stride
+    from a known file name, MMAction2's / torchvision's ImageNet mean/std); {} for None and nlvid checkpoints."""
+    if init is None:
+        return {}
+    fmt, path = parse_init(init)
+    return {} if fmt == "nlvid" else source_data_settings(fmt, path.name)
 
 
 def _fit_classes(model_cfg, state_dict: dict[str, Any], classes: list[str] | None, num_classes: int | None,
