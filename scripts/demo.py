@@ -1,7 +1,8 @@
 """The quickstart demo (`bash run.sh demo`): every nlvid command once, end to end, on the default data.
 
-    synthetic long-range dataset -> train the tiny NL model -> evaluate (multi-view) -> predict a real clip
-    -> visualise the attention hotspots -> print where everything is and what the numbers mean.
+    synthetic long-range dataset -> train the tiny NL model (its curves.png redrawn every epoch) -> list the runs
+    -> evaluate (multi-view) -> predict a real clip -> visualise the attention hotspots -> print where everything
+    is and what the numbers mean.
 
 It runs the real CLI (`python -m nlvid ...`) so each step is exactly what a user would type; the commands are
 echoed on stderr. `--fast` shrinks the data and the training budget (used by CI to test the demo itself).
@@ -54,6 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         _say(f"[demo] reusing the synthetic dataset in {data}")
     _run(["train", str(data), "--config", "tiny", "--out", str(run), *train_extra])
+    _run(["runs", str(out)])  # the demo's folder as `nlvid runs` sees it: one finished run
+    curves = run / "curves.png"
+    if not curves.exists():
+        _say(f"[demo] {curves} was not drawn (matplotlib missing? pip install 'nlvid[plot]')")
     ckpt = run / "best.pt"
     report = json.loads(_run(["eval", str(ckpt), str(data), "--json", "--out", str(run / "eval")], capture=True))
 
@@ -75,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"  data         {data}  (synthetic long-range dataset: the label depends on two objects far apart",
                 "               in space and time; the C2D baseline without NL blocks stays at chance on it)",
                 f"  run folder   {run}  (config.yaml, metrics.jsonl, last.pt, best.pt)",
+                f"  curves       {curves if curves.exists() else 'not drawn (needs matplotlib)'}  (loss, top-1, "
+                "learning rate, throughput per step; best epoch starred)",
                 f"  evaluation   video top-1 {report['top1']:.1%}, "
                 f"mean class accuracy {report['mean_class_accuracy']:.1%} over {report['num_videos']} held-out videos",
                 f"               (chance is {1 / len(report['per_class']):.0%}; "

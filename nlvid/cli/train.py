@@ -11,12 +11,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from nlvid.cli.common import err_console, format_scan_table, out_console
-from nlvid.cli.options import InitOption, SetOption, out_option
+from nlvid.cli.options import InitOption, PretrainedOption, SetOption, out_option, pretrained_init
+from nlvid.cli.runs import draw_run_curves
 from nlvid.config import load_config
 from nlvid.engine.distributed import env_info
+from nlvid.engine.runs import CURVES_FILE
 from nlvid.engine.train import train as run_train
 from nlvid.errors import ConfigError
 from nlvid.models import list_models
+from nlvid.models.zoo import config_overrides, get_entry
+from nlvid.viz.curves import plotting_available
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -26,18 +30,23 @@ def _fmt_eta(seconds: float) -> str:
 
 
 # config key -> the flag of this command that sets it (main() appends it to a keyed error)
-KEY_FLAGS = {"init": "--init"}
+KEY_FLAGS = {"init": "--init", "out": "--out", "pretrained": "--pretrained"}
 
 
 class LineReporter:
-    """Plain log lines on stderr (when stderr is not a terminal): every log_every steps and per epoch."""
+    """Plain log lines on stderr (when stderr is not a terminal): every log_every steps and per epoch. With
+    `curves`, also (re)draws the run folder's curves.png at every epoch end (a note instead when matplotlib is
+    missing or the picture cannot be written: a picture never stops a run)."""
 
-    def __init__(self, console=None):
+    def __init__(self, console=None, *, curves: bool = False):
         self.console = console or err_console
         self.epochs: list[dict[str, Any]] = []
         self.t0 = time.perf_counter()
         self.total_steps = 0
         self.first_step = 0
+        self.curves = curves
+        self.run_dir: Path | None = None
+        self.title = ""
 
     def print(self, text: str) -> None:
         self.console.print(text, highlight=False, markup=False, soft_wrap=True)
@@ -55,6 +64,12 @@ class LineReporter:
     def on_start(self, **d: Any) -> None:
         self.total_steps, self.first_step = d["total_steps"], d["step"]
         self.t0 = time.perf_counter()
+        self.run_dir = Path(d["run_dir"])
+        self.title = f"{self.run_dir.name}: {d['model']}, {d['epochs']} epochs of {d['steps_per_epoch']} steps"
+        if self.curves and not plotting_available():
+            self.curves = False
+            self.print("curves.png is not drawn: matplotlib is not installed (pip install 'nlvid[plot]'); "
+                       "metrics.jsonl has the same records")
         for line in d.get("init") or []:
             self.print(line)
         if d["resumed"] and d["start_epoch"] >= d["epochs"]:
@@ -93,10 +108,21 @@ class LineReporter:
         star = "  *best*" if r["is_best"] else ""
         self.print(f"epoch {r['epoch']} done: train loss {r['train_loss']:.4f} acc {100 * r['train_acc']:.1f}%{val}"
                    f"{star}  ETA {self._eta(r['step'])}")
+        self.draw_curves()
+
+    def draw_curves(self) -> None:
+        if not self.curves or self.run_dir is None:
+            return
+        try:
+            draw_run_curves(self.run_dir, title=self.title)
+        except Exception as e:  # noqa: BLE001 - a picture (full disk, a plotting bug) must never stop training
+            self.print(f"curves.png not updated: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
 
     def on_end(self, result: dict[str, Any]) -> None:
         if self.epochs:
             self.console.print(epoch_table(self.epochs))
+        else:
+            self.draw_curves()  # a finished run resumed: nothing trained, the picture is drawn once anyway
 
 
 def epoch_table(epochs: list[dict[str, Any]]):
@@ -119,8 +145,8 @@ def epoch_table(epochs: list[dict[str, Any]]):
 class RichReporter(LineReporter):
     """Progress bars (epoch and step: loss, acc, lr, clips/s, ETA) on a terminal."""
 
-    def __init__(self, console=None):
-        super().__init__(console)
+    def __init__(self, console=None, *, curves: bool = False):
+        super().__init__(console, curves=curves)
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
             TextColumn("{task.fields[info]}"), console=self.console, transient=False,
@@ -158,13 +184,13 @@ class RichReporter(LineReporter):
         super().on_end(result)
 
 
-def make_reporter():
-    return RichReporter() if err_console.is_terminal else LineReporter()
+def make_reporter(*, curves: bool = True):
+    return RichReporter(curves=curves) if err_console.is_terminal else LineReporter(curves=curves)
 
 
 def train(
     data: Annotated[Path, typer.Argument(help="Videos: a folder per class, a root with train/ and val/, or an "
-                                              "annotation list (.csv/.txt/.json).", show_default=False)],
+                                              "annotation list (.csv/.txt, 'path,label' per line).", show_default=False)],
     config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML file, bundled config (tiny) or "
                                                   "model preset (c2d_r50_nl5). Default: tiny.")] = None,
     val: Annotated[Optional[Path], typer.Option("--val", help="Validation videos (folder or list); implied by "
@@ -174,22 +200,38 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt "
                                          "(also automatic when --out already holds one).")] = False,
     init: InitOption = None,
+    pretrained: PretrainedOption = None,
 ) -> None:
-    """Train a video classifier; writes config.yaml, classes.txt, metrics.jsonl, last.pt and best.pt into --out.
+    """Train a video classifier; writes config.yaml, classes.txt, metrics.jsonl, curves.png, last.pt and best.pt
+    into --out (one `nlvid train` per run folder at a time: a second one is refused while the first runs).
 
     Example: nlvid train my_videos/ --config tiny --out runs/tiny --set train.epochs=30
 
     Multi-GPU / multi-node: torchrun --nproc_per_node 8 -m nlvid train DATA --config c2d_r50_nl5 --out runs/x
+
+    Fine-tuning published weights: nlvid train DATA --pretrained pysf_i3d_r50_nl_8x8 --out runs/ft
     """
     resuming = resume or (out is not None and (out / "last.pt").exists())
     if resume and out is None:
         raise ConfigError("--resume needs --out RUN_DIR (the run folder to continue)")
+    entry = get_entry(pretrained) if pretrained else None
+    source: list[str] = []
+    if entry is not None:
+        if init is not None:
+            raise ConfigError("give --init or --pretrained, not both")
+        # the weights' architecture options, clip (frames x stride) and normalisation; with no --config also the
+        # source's test views
+        tied = ("model.", "data.num_frames=", "data.stride=", "data.mean=", "data.std=")
+        source = [o for o in config_overrides(entry) if config is None or o.startswith(tied)]
     if resuming and config is None and not set_:
         cfg = None
     else:
-        cfg = load_config(config or "tiny", set_ or [], model_names=list_models())
+        default = entry.preset if entry is not None else "tiny"
+        cfg = load_config(config or default, source + list(set_ or []), model_names=list_models())
+    if entry is not None and not resuming:
+        init = pretrained_init(entry.name)  # type: ignore[assignment]
     if out is None:
-        name = Path(config).stem if config else "tiny"
+        name = Path(config).stem if config else (entry.name if entry is not None else "tiny")
         out = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     main = env_info().is_main
     if resuming and main:
@@ -206,3 +248,6 @@ def train(
     out_console.print(f"last checkpoint: {result['last_path']} (step {result['steps']})", highlight=False,
                       markup=False)
     out_console.print(f"metrics: {result['metrics_path']}", highlight=False, markup=False)
+    curves = Path(result["run_dir"]) / CURVES_FILE
+    if curves.exists():
+        out_console.print(f"curves: {curves}", highlight=False, markup=False)

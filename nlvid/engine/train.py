@@ -22,7 +22,6 @@ Nothing here prints: progress goes through `progress(event, **data)` (see `nlvid
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -45,6 +44,7 @@ from nlvid.engine import distributed as distr
 from nlvid.engine.device import autocast_context, resolve_device
 from nlvid.engine.evaluate import Progress, build_report, collect_scores, merge_scores
 from nlvid.engine.optim import build_optimizer, build_scheduler, recompute_bn_stats, rng_state, set_rng_state, step_seed
+from nlvid.engine.runs import MetricsLog, RunLock, require_tensorboard, write_run_info
 from nlvid.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from nlvid.models import build_with_init, create_model, load_state_dict_checked
 
@@ -140,6 +140,7 @@ class RunContext:
     paths: RunPaths
     progress: Progress
     metric: str  # what best.pt is chosen by: "val_top1", or "train_acc" without validation data
+    records: MetricsLog  # metrics.jsonl (+ TensorBoard); writes in the main process only
 
 
 @dataclass
@@ -170,7 +171,9 @@ def train(
 ) -> dict[str, Any]:
     """Train a model on `data` (folder per class, a root with train/ and val/, or an annotation list).
 
-    Writes into `out`: config.yaml, classes.txt, metrics.jsonl, last.pt, best.pt. Resumes when `resume` is set or
+    Writes into `out`: config.yaml, classes.txt, run.json, metrics.jsonl, last.pt, best.pt, and tensorboard/ when
+    train.tensorboard. The main process owns `out` while it trains (`nlvid.engine.runs.RunLock`: a TrainingError
+    names the owner of a folder in use; a stale lock is taken over). Resumes when `resume` is set or
     `out/last.pt` exists (then `cfg` may be None: the run's stored config is used; of a given `cfg` only the keys
     in RESUME_MUTABLE are taken). `init` = "FORMAT=PATH" initial weights (nlvid.models.build_with_init).
     `progress`: a callback `fn(event, **data)` (the CLI's reporter prints it on stderr); None = silent.
@@ -179,8 +182,19 @@ def train(
     """
     progress = progress or _noop
     paths = RunPaths(Path(out))
+    with RunLock(paths.out, progress=progress, enabled=distr.env_info().is_main):
+        return _train_locked(cfg, data=data, val=val, paths=paths, resume=resume, init=init, progress=progress,
+                             hooks=hooks)
+
+
+def _train_locked(cfg: Config | None, *, data: str | Path, val: str | Path | list | None, paths: RunPaths,
+                  resume: bool, init: str | None, progress: Progress,
+                  hooks: dict[str, Callable[..., Any]] | None) -> dict[str, Any]:
+    """`train` once the run folder's lock is held."""
     cfg, ckpt = _resume_or_fresh(cfg, paths, resume=resume, progress=progress)
     tc = cfg.train
+    if tc.tensorboard and distr.env_info().is_main:
+        require_tensorboard()  # before the scan and the model: a missing package is a config error, found early
     device, info = _setup_processes(tc)
     if not info.is_main:
         progress = _noop
@@ -198,20 +212,23 @@ def train(
                       criterion=nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing),
                       optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     run = RunContext(cfg=cfg, classes=classes, device=device, info=info, paths=paths, progress=progress,
-                     metric="val_top1" if val_ds is not None else "train_acc")
-    _prepare_run_folder(run, state, resumed=ckpt is not None)
-    progress("start", run_dir=str(paths.out), resumed=ckpt is not None, start_epoch=state.epoch,
-             start_batch=state.batches_done, step=state.step, epochs=tc.epochs, steps_per_epoch=steps_per_epoch,
-             batches_per_epoch=batches_per_epoch, total_steps=steps_per_epoch * tc.epochs, num_train=len(train_ds),
-             num_val=len(val_ds) if val_ds is not None else 0, device=str(device), world_size=info.world_size,
-             global_batch=tc.batch_size * info.world_size * tc.accum_steps,
-             metric=run.metric, classes=classes, init=init_lines, model=cfg.model.name)
+                     metric="val_top1" if val_ds is not None else "train_acc",
+                     records=MetricsLog(paths.out, tensorboard=tc.tensorboard, enabled=info.is_main))
+    try:  # from here on the records are open: closed (TensorBoard flushed) however the run ends
+        _prepare_run_folder(run, state, resumed=ckpt is not None, data=data, val=val)
+        progress("start", run_dir=str(paths.out), resumed=ckpt is not None, start_epoch=state.epoch,
+                 start_batch=state.batches_done, step=state.step, epochs=tc.epochs,
+                 steps_per_epoch=steps_per_epoch, batches_per_epoch=batches_per_epoch,
+                 total_steps=steps_per_epoch * tc.epochs, num_train=len(train_ds),
+                 num_val=len(val_ds) if val_ds is not None else 0, device=str(device), world_size=info.world_size,
+                 global_batch=tc.batch_size * info.world_size * tc.accum_steps,
+                 metric=run.metric, classes=classes, init=init_lines, model=cfg.model.name)
 
-    # one loader for the whole run (persistent workers); its sampler yields this rank's remaining items of the epoch
-    loader = make_loader(train_ds, batch_size=tc.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
-                         seed=tc.seed, sampler=sampler)
-    last_record: dict[str, Any] = {}
-    try:
+        # one loader for the whole run (persistent workers); its sampler yields this rank's remaining items of the
+        # epoch
+        loader = make_loader(train_ds, batch_size=tc.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
+                             seed=tc.seed, sampler=sampler)
+        last_record: dict[str, Any] = {}
         while state.epoch < tc.epochs:
             train_ds.set_epoch(state.epoch)  # the loader's sampler reads it: (index, epoch) pairs reach the workers
             sampler.skip = state.batches_done
@@ -221,6 +238,7 @@ def train(
             train_one_epoch(learner, loader, state, run, num_batches=num_batches, hooks=hooks or {})
             last_record = end_of_epoch(learner, state, run, train_ds=train_ds, val_ds=val_ds)
     finally:
+        run.records.close()
         if info.enabled:
             distr.shutdown()
 
@@ -338,6 +356,9 @@ def _build_model(cfg: Config, classes: list[str], *, ckpt: dict[str, Any] | None
         cfg.model.num_classes = len(classes)
     else:
         model = create_model(cfg.model.name, **model_kwargs(cfg.model))
+    d = cfg.data  # clips the strides cannot take are a ConfigError now, not a crash in the first step
+    model.check_input((1, 3, d.num_frames, d.crop_size, d.crop_size))
+    model.check_input((1, 3, d.num_frames, d.test_crop_size, d.test_crop_size))
     if ckpt is not None:
         try:
             load_state_dict_checked(model, ckpt["model"])
@@ -400,18 +421,19 @@ def _wrap(model: nn.Module, device: torch.device, info: distr.DistInfo, *, compi
     return train_model
 
 
-def _prepare_run_folder(run: RunContext, state: RunState, *, resumed: bool) -> None:
-    """Main process: write config.yaml and classes.txt; start metrics.jsonl, or on resume cut it back to the
-    records the checkpoint covers. Every process waits for it."""
+def _prepare_run_folder(run: RunContext, state: RunState, *, resumed: bool, data: str | Path,
+                        val: str | Path | list | None) -> None:
+    """Main process: write config.yaml, classes.txt and run.json (the data's location, for `nlvid runs`); start
+    the records (metrics.jsonl, TensorBoard), or on resume cut them back to what the checkpoint covers. Every
+    process waits for it."""
     if run.info.is_main:
         out = run.paths.out
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(run.cfg.to_yaml())
         (out / "classes.txt").write_text("".join(c + "\n" for c in run.classes))
-        if resumed:
-            _truncate_metrics(run.paths.metrics, state.step)
-        else:
-            run.paths.metrics.write_text("")
+        write_run_info(out, data=str(Path(data).resolve()),
+                       val=str(Path(val).resolve()) if isinstance(val, (str, Path)) else None)
+        run.records.start(resume_step=state.step if resumed else None)
     distr.barrier(run.info)
 
 
@@ -518,7 +540,7 @@ def _report_window(run: RunContext, state: RunState, window: EpochStats, window_
         "data_fraction": data_time / max(dt, 1e-9),
     }
     if run.info.is_main and log:
-        _write_jsonl(run.paths.metrics, record)
+        run.records.write(record)
     run.progress("step", record=record, log=log)
 
 
@@ -552,7 +574,7 @@ def end_of_epoch(learner: Learner, state: RunState, run: RunContext, *, train_ds
     record["is_best"] = improved
     state.epoch, state.batches_done, state.stats = epoch + 1, 0, EpochStats()
     if info.is_main:
-        _write_jsonl(run.paths.metrics, record)
+        run.records.write(record)
     save_run(run.paths.last, learner, state, run, metrics=record)
     if improved:
         save_run(run.paths.best, learner, state, run, full=False, metrics=record)
@@ -651,29 +673,6 @@ class _EpochShard:
 
     def __len__(self) -> int:
         return len(self._flat())
-
-
-def _write_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume from a checkpoint at optimizer step `step`, drop the metric records written after it (they will
-    be redone): those with a larger step. An epoch's record carries the step of the epoch's last optimizer step
-    and is written before that step's checkpoint, so a checkpoint at `step` covers exactly the records up to it."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by the kill
-        if rec.get("step", 0) > step:
-            continue
-        keep.append(line)
-    path.write_text("".join(k + "\n" for k in keep))
 
 
 def _cfg_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
