@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,28 +24,69 @@ import numpy as np
 import torch
 
 from nlvid import __version__
-from nlvid.errors import CheckpointError
+from nlvid.config import config_from_dict
+from nlvid.errors import CheckpointError, ConfigError, OutputError, writing
 
 FORMAT = "nlvid"
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename: a crash leaves the old file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+def _clean_stale_temps(path: Path) -> None:
+    """Remove temp files of earlier writes of `path` whose writing process is gone (killed mid-write)."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+            pid = int(tmp.name[len(path.name) + 2:].split(".", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _file_mode() -> int:
+    """The mode open() gives a new file here (0o666 minus the umask), read without changing the umask."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o644
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename: a crash leaves the old file intact.
+
+    The file gets the usual mode of a new file (not mkstemp's 0600); temp files left by killed writers of the same
+    path are removed; an OSError (disk full, read-only folder) is one OutputError naming `path`."""
+    path = Path(path)
+    with writing(path, "checkpoint"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale_temps(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                try:
+                    torch.save(obj, f)
+                except RuntimeError as e:  # torch reports a failed write (disk full, size limit) this way
+                    free = shutil.disk_usage(path.parent).free
+                    raise OutputError(f"{path}: cannot write checkpoint (torch.save failed: {first_line(e)}; "
+                                      f"{free / 2**20:.0f} MiB free on that disk)") from None
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, _file_mode())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def save_checkpoint(
@@ -130,4 +172,33 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
             f"{path}: not an nlvid checkpoint; to import PySlowFast/Caffe2/MMAction2 weights use "
             f"`nlvid build PRESET --init FORMAT=FILE --out model.pt`"
         )
+    _check_fields(obj, path)
     return obj
+
+
+def _check_fields(obj: dict[str, Any], path: Path) -> None:
+    """The parts every reader relies on: a state dict of tensors, a config mapping, class names that match the
+    classifier's outputs, integer counters."""
+    state, config, classes = obj.get("model"), obj.get("config"), obj.get("classes")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{path}: damaged checkpoint: 'model' is not a state dict of tensors")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: damaged checkpoint: 'config' is missing or not a mapping")
+    try:
+        config_from_dict(config)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its stored config is not valid for this nlvid version: {e}") from None
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise CheckpointError(f"{path}: damaged checkpoint: 'classes' is missing or not a list of names")
+    fc = state.get("head.fc.weight")
+    if fc is not None and fc.dim() >= 1 and fc.shape[0] != len(classes):
+        raise CheckpointError(f"{path}: damaged checkpoint: {len(classes)} class names for a classifier with "
+                              f"{fc.shape[0]} outputs")
+    for key in ("epoch", "step"):
+        if not isinstance(obj.get(key, 0), int) or obj.get(key, 0) < 0:
+            raise CheckpointError(f"{path}: damaged checkpoint: {key!r} is not a non-negative integer")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} weight tensor(s) hold NaN or infinity (e.g. {bad[0]}); "
+                              f"nothing computed from them would mean anything")

@@ -5,6 +5,8 @@ exit_code: 1 = runtime failure (bad file, decode error, NaN loss), 2 = usage/con
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -50,6 +52,21 @@ class DecodeError(NlvidError):
         self.reason = reason
         self.partial = partial
         super().__init__(f"{self.path}: {reason}")
+
+
+class OutputError(NlvidError):
+    """A result that cannot be written (disk full, read-only folder, a file where a folder is needed)."""
+
+    exit_code = 1
+
+
+@contextmanager
+def writing(path: str | Path, what: str = "file") -> Iterator[None]:
+    """Turn an OSError raised while writing `path` into one OutputError line naming it."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write {what} ({e.strerror or e.__class__.__name__})") from None
 
 
 class TrainingError(NlvidError):

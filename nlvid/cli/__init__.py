@@ -17,7 +17,7 @@ import torch
 import typer
 
 from nlvid import __version__
-from nlvid.cli import build, evaluate, predict, synth, train, visualize
+from nlvid.cli import build, evaluate, models, predict, runs, synth, train, visualize
 from nlvid.cli.common import log_to_stderr, print_error
 from nlvid.errors import NlvidError
 
@@ -41,6 +41,8 @@ app.command("eval")(evaluate.evaluate)
 app.command("predict")(predict.predict)
 app.command("visualize")(visualize.visualize)
 app.command("synth")(synth.synth)
+app.command("models")(models.models)
+app.command("runs")(runs.runs)
 
 # command -> {config key: the flag of that command that sets it}; main() names the flag after an error keyed so
 KEY_FLAGS: dict[str, dict[str, str]] = {
@@ -98,6 +100,12 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print_error(with_flag(str(e), e.key, command))
         sys.exit(e.exit_code)
+    except OSError as e:  # an output the command could not write (disk full, read-only, a file where a folder is)
+        if os.environ.get("NLVID_DEBUG") == "1":
+            raise
+        where = e.filename if e.filename is not None else "output"
+        print_error(f"{where}: {e.strerror or e.__class__.__name__}")
+        sys.exit(1)
     except typer.Abort:
         print_error("aborted")
         sys.exit(1)

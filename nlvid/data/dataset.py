@@ -170,7 +170,14 @@ def _entries_from_list(list_path: Path, classes: list[str] | None):
     ints = [_as_int(lb) for _, _, lb in rows]
     if classes is None:
         if all(i is not None for i in ints):
-            classes = [str(i) for i in range(max(ints) + 1)]
+            used = sorted(set(ints))
+            if used != list(range(len(used))):
+                gaps = sorted(set(range(max(0, used[-1]) + 1)) - set(used))[:5] if used[-1] < 10**6 else []
+                raise DatasetError(
+                    f"{list_path}: labels are class indices but not 0..{len(used) - 1} (found {used[0]}..{used[-1]}"
+                    + (f"; no video for {', '.join(map(str, gaps))}" if gaps else "")
+                    + "); add classes.txt beside the list to name every class")
+            classes = [str(i) for i in used]
         elif any(i is not None for i in ints):
             no = rows[next(k for k, i in enumerate(ints) if i is not None)][0]
             raise DatasetError(f"{list_path}:{no}: label is an index but other lines use class names; use one "
@@ -179,6 +186,7 @@ def _entries_from_list(list_path: Path, classes: list[str] | None):
             classes = sorted({lb for _, _, lb in rows})
     lookup = {c: i for i, c in enumerate(classes)}
     entries = []
+    seen: dict[Path, tuple[int, int]] = {}
     for (no, rel, label), as_int in zip(rows, ints):
         if label in lookup:
             idx = lookup[label]
@@ -191,6 +199,10 @@ def _entries_from_list(list_path: Path, classes: list[str] | None):
         p = Path(rel) if Path(rel).is_absolute() else base / rel
         if not p.is_file():
             raise DatasetError(f"{list_path}:{no}: video {rel!r} not found (paths are relative to the list file)")
+        first = seen.setdefault(p.resolve(), (no, idx))
+        if first[1] != idx:
+            raise DatasetError(f"{list_path}:{no}: video {rel!r} is listed again with another label (line "
+                               f"{first[0]}: {classes[first[1]]!r}, here: {classes[idx]!r})")
         entries.append((p, idx))
     return list(classes), entries, []
 
@@ -222,6 +234,22 @@ def _load_cache(root: Path) -> dict[str, Any]:
         if isinstance(data, dict) and data.get("version") == _CACHE_VERSION and isinstance(data.get("files"), dict):
             merged.update(data["files"])
     return merged
+
+
+_INFO_TYPES = {"duration": (int, float), "fps": (int, float), "num_frames": int, "width": int, "height": int,
+               "rotation": int}
+
+
+def _valid_record(rec: Any) -> bool:
+    """A cache entry this version wrote: size/mtime, then either a VideoInfo's fields or an error text. Anything
+    else (another version, a hand edit) is probed again instead of trusted."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("size"), int) or not isinstance(rec.get("mtime_ns"), int):
+        return False
+    if "error" in rec:
+        return isinstance(rec["error"], str) and "info" not in rec
+    info = rec.get("info")
+    return (isinstance(info, dict) and set(info) == set(_INFO_TYPES)
+            and all(isinstance(info[k], t) and not isinstance(info[k], bool) for k, t in _INFO_TYPES.items()))
 
 
 def _writable_dir(d: Path) -> bool:
@@ -303,7 +331,7 @@ def scan_dataset(
         key = str(p.resolve())
         st = _stat_key(p)
         hit = cached.get(key)
-        if hit is not None and st is not None and [hit.get("size"), hit.get("mtime_ns")] == list(st):
+        if _valid_record(hit) and st is not None and [hit.get("size"), hit.get("mtime_ns")] == list(st):
             results[key] = hit
         elif key not in queued:
             queued.add(key)

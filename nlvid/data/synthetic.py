@@ -32,13 +32,16 @@ box [x0, y0, x1, y1] (x1, y1 exclusive) covering the object over those frames).
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
 import av
 import numpy as np
 
-from nlvid.errors import ConfigError
+from nlvid.errors import ConfigError, writing
 
 SIZE = 64
 NUM_FRAMES = 16
@@ -174,11 +177,34 @@ def write_synthetic(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Write the dataset under `root` (see the module docstring); returns a summary dict
-    {root, classes, train, val, num_frames, size, fps}. progress(done, total) is called per clip."""
+    {root, classes, train, val, num_frames, size, fps}. progress(done, total) is called per clip.
+
+    Everything is written into a hidden sibling folder first and moved into `root` at the end, so a run that
+    fails half way (disk full, Ctrl-C) leaves no partial dataset behind; files already in `root` are kept."""
     names = class_names(classes)
     if clips_per_class < 1:
         raise ConfigError(f"clips_per_class must be >= 1 (got {clips_per_class})")
-    root = Path(root)
+    final = Path(root)
+    with writing(final, "dataset"):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        root = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        summary = _write_all(root, names, classes=classes, clips_per_class=clips_per_class, seed=seed,
+                             progress=progress)
+        with writing(final, "dataset"):
+            for src in sorted(root.rglob("*")):  # annotations.json last: its presence means the set is complete
+                if src.is_file() and src.name != "annotations.json":
+                    dst = final / src.relative_to(root)
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(src, dst)
+            os.replace(root / "annotations.json", final / "annotations.json")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return dict(summary, root=str(final))
+
+
+def _write_all(root: Path, names: list[str], *, classes: int, clips_per_class: int, seed: int,
+               progress: Callable[[int, int], None] | None) -> dict:
     n_val = 0 if clips_per_class < 2 else max(1, round(clips_per_class / 4))
     total = classes * clips_per_class
     clips_meta: dict[str, dict] = {}
@@ -192,7 +218,8 @@ def write_synthetic(
             frames, objects = _clip(rng, label, classes)
             split = "val" if i >= clips_per_class - n_val else "train"
             rel = f"{split}/{name}/{name}_{i:04d}.mp4"
-            _encode(root / rel, frames)
+            with writing(root / rel, "video"):
+                _encode(root / rel, frames)
             clips_meta[rel] = {"label": name, "objects": objects}
             n_train += split == "train"
             n_vals += split == "val"
@@ -201,6 +228,7 @@ def write_synthetic(
                 progress(done, total)
     ann = {"classes": sorted(names), "num_frames": NUM_FRAMES, "size": [SIZE, SIZE], "fps": FPS, "seed": int(seed),
            "clips": clips_meta}
-    (root / "annotations.json").write_text(json.dumps(ann, indent=1))
+    with writing(root / "annotations.json", "annotations"):
+        (root / "annotations.json").write_text(json.dumps(ann, indent=1))
     return {"root": str(root), "classes": names, "train": n_train, "val": n_vals, "num_frames": NUM_FRAMES,
             "size": [SIZE, SIZE], "fps": FPS}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from nlvid.config import test_data_kwargs
 from nlvid.data import VideoDataset, make_loader, resolve_splits, scan_dataset
 from nlvid.engine.device import autocast_context, resolve_device
-from nlvid.errors import CheckpointError, ConfigError, DatasetError
+from nlvid.errors import CheckpointError, ConfigError, DatasetError, NlvidError
 from nlvid.models import load_model
 
 # The one shape of progress callbacks in nlvid.engine: `progress(event, **data)`, e.g. progress("eval_step",
@@ -30,6 +30,14 @@ Progress = Callable[..., None]
 
 
 # --------------------------------------------------------------------------------------------- core maths
+
+
+def require_finite(logits: torch.Tensor, where: str) -> torch.Tensor:
+    """`logits` unchanged, or an NlvidError: scores computed from NaN/inf are never reported as results."""
+    if not bool(torch.isfinite(logits).all()):
+        raise NlvidError(f"{where}: the model's outputs are not finite (NaN or infinity); its weights or the input "
+                         f"overflow (try without train.amp / autocast)")
+    return logits
 
 
 def average_views(view_logits: torch.Tensor) -> torch.Tensor:
@@ -68,7 +76,7 @@ def collect_scores(
             for s in range(0, flat.shape[0], max(1, chunk)):
                 x = flat[s : s + chunk].to(device, non_blocking=True)
                 with autocast_context(device, amp):
-                    logits.append(model(x).float().cpu())
+                    logits.append(require_finite(model(x).float().cpu(), f"batch {bi}"))
             view_logits = torch.cat(logits).reshape(b, v, -1)  # (B*V, K) -> (B, V, K)
             labels = torch.as_tensor(labels, dtype=torch.long)
             if label_map is not None:

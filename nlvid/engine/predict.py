@@ -26,7 +26,7 @@ from nlvid.data import probe, test_views
 from nlvid.data.decode import read_clips
 from nlvid.data.sampling import clip_span, uniform_starts
 from nlvid.engine.device import resolve_device
-from nlvid.engine.evaluate import Progress
+from nlvid.engine.evaluate import Progress, require_finite
 from nlvid.errors import ConfigError, NlvidError
 
 @dataclass
@@ -178,7 +178,8 @@ def predict_files(
     def run(batch: list[tuple[int, int, torch.Tensor]]) -> None:
         x = torch.stack([v for _, _, v in batch]).to(device)
         with torch.inference_mode():
-            probs = model(x).float().softmax(-1).cpu()  # (B, classes)
+            logits = require_finite(model(x).float().cpu(), ", ".join(sorted({str(paths[i]) for i, _, _ in batch})))
+            probs = logits.softmax(-1)  # (B, classes)
         for (i, owner, _), p in zip(batch, probs):
             sums[i][owner] = sums[i].get(owner, 0) + p
             counts[i][owner] = counts[i].get(owner, 0) + 1
