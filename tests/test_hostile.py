@@ -362,3 +362,76 @@ def test_json_outputs_stay_valid_json_and_finite(world, capsys):
 
     data = json.loads(out, parse_constant=strict)
     assert all(math.isfinite(t["prob"]) for r in data for t in r["top"])
+
+
+# --------------------------------------------------------------------------------------------- single defects
+
+
+def test_python3_protocol2_caffe2_pickle_is_read_and_a_payload_still_refused(tmp_path, world):
+    import numpy as np
+
+    from nlvid.errors import CheckpointError
+    from nlvid.models.convert import read_caffe2_pickle
+
+    good = tmp_path / "p3.pkl"
+    good.write_bytes(pickle.dumps({"blobs": {"conv1_w": np.arange(6, dtype=np.float32).reshape(2, 3)}}, protocol=2))
+    blobs = read_caffe2_pickle(good)
+    assert blobs["conv1_w"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    with pytest.raises(CheckpointError, match="refused to load global"):
+        read_caffe2_pickle(world["payload.pkl"])
+    assert not world["marker"].exists()
+
+
+def test_checkpoint_files_get_the_usual_mode_and_killed_writes_are_cleaned(tmp_path):
+    from nlvid.checkpoint import atomic_save
+
+    target = tmp_path / "last.pt"
+    dead = tmp_path / ".last.pt.999999999.abc.tmp"  # left by a writer that was killed (no such pid)
+    dead.write_bytes(b"half")
+    mine = tmp_path / f".last.pt.{os.getpid()}.xyz.tmp"  # another write of this process: left alone
+    mine.write_bytes(b"in flight")
+    atomic_save({"x": torch.zeros(2)}, target)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+    assert not dead.exists() and mine.exists()
+
+
+def test_scan_cache_entries_from_elsewhere_are_probed_again(world, tmp_path):
+    import json
+    import shutil
+
+    from nlvid.data import scan_dataset
+
+    root = tmp_path / "d"
+    shutil.copytree(world["data"] / "train", root)
+    first = scan_dataset(root)
+    cache = root / ".nlvid_scan.json"
+    data = json.loads(cache.read_text())
+    for rec in data["files"].values():  # what another version (or a hand edit) might have left
+        rec["info"] = {"duration": "long", "frames": 3}
+    cache.write_text(json.dumps(data))
+    again = scan_dataset(root)
+    assert again.probed == len(first.items) and [p for p, _ in again.items] == [p for p, _ in first.items]
+
+
+def test_rerunning_a_finished_run_keeps_its_history(world, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "run"
+    argv = ["train", str(world["data"]), "--out", str(out), "--set", "train.epochs=2", "--set", "train.log_every=1",
+            "--set", "data.num_workers=0"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    before = (out / "metrics.jsonl").read_text()
+    assert sum('"kind": "epoch"' in ln for ln in before.splitlines()) == 2
+    code, _, err = run_cli(argv, capsys)  # finished: nothing to train, nothing lost
+    assert code == 0, err
+    assert (out / "metrics.jsonl").read_text() == before
+    # resumed from its end-of-epoch checkpoint with one more epoch: the finished epochs' records all stay
+    code, _, err = run_cli(argv[:-4] + ["--set", "train.epochs=3", "--set", "data.num_workers=0"], capsys)
+    assert code == 0, err
+    after = (out / "metrics.jsonl").read_text()
+    assert after.startswith(before)
+    epochs = [json.loads(ln)["epoch"] for ln in after.splitlines() if '"kind": "epoch"' in ln]
+    assert epochs == [1, 2, 3]

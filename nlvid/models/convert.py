@@ -323,7 +323,8 @@ def _numpy_global(name: str) -> Callable[[], Any]:
     return get
 
 
-# (module, name) -> getter. Everything a Python-2 numpy pickle of {'blobs': {name: array}} needs, nothing else.
+# (module, name) -> getter. Everything a numpy pickle of {'blobs': {name: array}} needs (Python 2, or Python 3
+# with protocol 2), nothing else.
 _CAFFE2_SAFE_GLOBALS: dict[tuple[str, str], Callable[[], Any]] = {
     ("numpy.core.multiarray", "_reconstruct"): _numpy_global("_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"): _numpy_global("_reconstruct"),
@@ -332,7 +333,15 @@ _CAFFE2_SAFE_GLOBALS: dict[tuple[str, str], Callable[[], Any]] = {
     ("numpy", "ndarray"): lambda: np.ndarray,
     ("numpy", "dtype"): lambda: np.dtype,
     ("collections", "OrderedDict"): lambda: __import__("collections").OrderedDict,
+    # Python 3 pickles with protocol 2 spell bytes as _codecs.encode(text, "latin1"); only that codec is allowed.
+    ("_codecs", "encode"): lambda: _latin1_encode,
 }
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    if encoding not in ("latin1", "latin-1"):
+        raise CheckpointError(f"refused _codecs.encode with encoding {encoding!r} in a Caffe2 pickle (only latin1)")
+    return text.encode("latin1")
 
 
 class _Caffe2Unpickler(pickle.Unpickler):
