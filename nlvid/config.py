@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -60,7 +62,7 @@ def _choice(name: str, *values: str) -> type[Choice]:
 # The NL block: pairwise function f (paper 3.2); where keys/values are max-pooled (on the input, as the official
 # code, or after phi/g, as the paper text and mmcv); which positions a query sees; output normalisation (BN with
 # gamma zero-initialised, or none with W_z zero-initialised).
-Instantiation = _choice("Instantiation", "gaussian", "embedded_gaussian", "dot_product", "concatenation")
+Instantiation = _choice("Instantiation", "gaussian", "embedded_gaussian", "dot_product", "concatenation", "global_context")
 PoolPosition = _choice("PoolPosition", "input", "after")
 Mode = _choice("Mode", "spacetime", "space", "time")
 Norm = _choice("Norm", "bn", "none")
@@ -80,13 +82,14 @@ class ModelConfig:
     layout: str | None = None  # temporal layout: "8x8" (PySlowFast), "32x2" (paper / Caffe2), "mmaction2" (its I3D stem)
     width: int | None = None  # base width (64 for the paper's ResNets; small for tiny models)
     nonlocal_blocks: dict[str, list[int]] | None = None  # where NL blocks go: {res3: [1, 3], res4: [1, 3, 5]}
-    instantiation: str | None = None  # gaussian | embedded_gaussian | dot_product | concatenation
+    instantiation: str | None = None  # gaussian | embedded_gaussian | dot_product | concatenation | global_context
     scale: bool | None = None  # (C/2)^-0.5 softmax scale for embedded_gaussian (official code: on)
     pool_size: list[int] | None = None  # key/value max-pool (t, h, w); [1, 1, 1] disables
     pool_position: str | None = None  # "input" (official code) or "after" (paper text / mmcv)
     mode: str | None = None  # spacetime | space | time
     norm: str | None = None  # "bn" (gamma zero-init) or "none" (W_z zero-init)
     stem_pool_padding: int | None = None  # pool1 spatial padding: 1 (PySlowFast, 56x56) or 0 (Caffe2, 55x55)
+    nonlocal_group: dict[str, int] | None = None  # NL blocks attend within G groups of frames: {res3: 4} (PySlowFast)
     dropout: float = 0.5
 
 
@@ -137,6 +140,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    tensorboard: bool = False  # also write TensorBoard event files (run folder/tensorboard/; the `tensorboard` extra)
 
 
 @dataclass
@@ -244,6 +248,102 @@ def _check_choices(cfg: Config) -> None:
             choice.check(f"config key '{dotted}'", value)
 
 
+# ------------------------------------------------------------------------------------------------ value ranges
+# key -> (lowest, highest) allowed, inclusive; None = unbounded. Every number must also be finite. Checked after
+# every merge (files, --set, configs stored in checkpoints), so a value out of range never reaches a layer.
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "model.num_classes": (1, 100_000),
+    "model.width": (1, 1024),
+    "model.dropout": (0.0, 0.99),
+    "model.stem_pool_padding": (0, 1),
+    "data.num_frames": (1, 1024),
+    "data.stride": (1, 64),
+    "data.train_short_side": (1, 4096),
+    "data.crop_size": (1, 2048),
+    "data.test_short_side": (1, 4096),
+    "data.test_crop_size": (1, 2048),
+    "data.num_clips": (1, 1000),
+    "data.num_crops": (1, 3),
+    "data.std": (1e-6, None),
+    "data.num_workers": (0, 256),
+    "optim.lr": (0.0, None),
+    "optim.momentum": (0.0, 1.0),
+    "optim.weight_decay": (0.0, None),
+    "optim.warmup_epochs": (0.0, None),
+    "optim.warmup_start_factor": (0.0, 1.0),
+    "optim.milestones": (0.0, 1.0),
+    "optim.gamma": (0.0, None),
+    "optim.label_smoothing": (0.0, 0.99),
+    "optim.clip_grad_norm": (0.0, None),
+    "train.epochs": (1, 1_000_000),
+    "train.batch_size": (1, 65_536),
+    "train.accum_steps": (1, 65_536),
+    "train.precise_bn_batches": (0, 1_000_000),
+    "train.save_every": (0, None),
+    "train.log_every": (0, None),
+    "train.eval_every": (1, None),
+    "train.seed": (0, 2**63 - 1),
+}
+# key -> the number of entries a list must have
+LENGTHS: dict[str, int] = {"data.train_short_side": 2, "data.mean": 3, "data.std": 3, "model.pool_size": 3}
+# Input tensors larger than this share of the machine's memory are refused before anything is allocated.
+MEMORY_SHARE = 0.5
+
+
+def _check_number(key: str, value: Any) -> None:
+    lo, hi = RANGES.get(key, (None, None))
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}': {value!r} is not a finite number", key=key)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        allowed = f"{lo}..{hi}" if lo is not None and hi is not None else (f">= {lo}" if lo is not None else f"<= {hi}")
+        raise ConfigError(f"config key '{key}': {value!r} is out of range (allowed: {allowed})", key=key)
+
+
+def _check_values(cfg: Config) -> None:
+    """Finite numbers in their ranges, lists of the right length, clips whose input fits in memory."""
+    for section in ("model", "data", "optim", "train"):
+        for f in dataclasses.fields(getattr(cfg, section)):
+            key, value = f"{section}.{f.name}", getattr(getattr(cfg, section), f.name)
+            if isinstance(value, list):
+                if key in LENGTHS and len(value) != LENGTHS[key]:
+                    raise ConfigError(f"config key '{key}': expected {LENGTHS[key]} values, got {len(value)} "
+                                      f"({value!r})", key=key)
+                for v in value:
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        _check_number(key, v)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                _check_number(key, value)
+    d = cfg.data
+    if d.num_crops not in (1, 3):
+        raise ConfigError(f"config key 'data.num_crops': {d.num_crops} is not one of 1, 3", key="data.num_crops")
+    if d.train_short_side[0] > d.train_short_side[1]:
+        raise ConfigError(f"config key 'data.train_short_side': {d.train_short_side} is not [min, max]",
+                          key="data.train_short_side")
+    check_input_memory(views=cfg.train.batch_size, num_frames=d.num_frames, size=d.crop_size, what="a training batch",
+                       key="train.batch_size")
+    check_input_memory(views=d.num_clips * d.num_crops, num_frames=d.num_frames, size=d.test_crop_size,
+                       what="one video's test views", key="data.num_clips")
+
+
+def machine_memory() -> int:
+    """Physical memory of this machine in bytes (0 when the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        return 0
+
+
+def check_input_memory(*, views: int, num_frames: int, size: int, what: str, key: str) -> None:
+    """ConfigError when `views` float32 clips of (3, num_frames, size, size) alone exceed MEMORY_SHARE of memory."""
+    need = views * 3 * num_frames * size * size * 4
+    have = machine_memory()
+    if have and need > MEMORY_SHARE * have:
+        raise ConfigError(
+            f"{what} would need {need / 2**30:.1f} GiB for its input alone ({views} clips of 3 x {num_frames} x "
+            f"{size} x {size} float32), more than half of this machine's {have / 2**30:.0f} GiB; use fewer or "
+            f"smaller clips", key=key)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """'optim.lr=0.1' -> ('optim.lr', 0.1). Values are parsed as YAML (numbers, true/false, lists, mappings)."""
     if "=" not in text:
@@ -311,6 +411,7 @@ def load_config(source: str | Path | None = None, overrides: list[str] | tuple[s
         key, value = parse_override(text)
         _merge(cfg, _nest(key, value))
     _check_choices(cfg)
+    _check_values(cfg)
     return cfg
 
 
@@ -319,6 +420,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     cfg = Config()
     _merge(cfg, data)
     _check_choices(cfg)
+    _check_values(cfg)
     return cfg
 
 
@@ -345,8 +447,12 @@ def train_data_kwargs(data: DataConfig) -> dict[str, Any]:
 
 def test_data_kwargs(data: DataConfig, *, num_clips: int | None = None, num_crops: int | None = None
                      ) -> dict[str, Any]:
-    """The test-time preprocessing of eval, predict and visualize from the data section (clips/crops overridable):
-    the keyword arguments of a test `VideoDataset` and of `nlvid.engine.predict.predict_files`."""
+    """The test-time preprocessing of eval, predict and visualize from the data section (clips/crops overridable,
+    checked like the config): the keyword arguments of a test `VideoDataset` and of `predict_files`."""
+    if num_clips is not None or num_crops is not None:
+        checked = Config(data=dataclasses.replace(data, num_clips=data.num_clips if num_clips is None else num_clips,
+                                                  num_crops=data.num_crops if num_crops is None else num_crops))
+        _check_values(checked)
     return dict(num_frames=data.num_frames, stride=data.stride, test_short_side=data.test_short_side,
                 test_crop_size=data.test_crop_size,
                 num_clips=data.num_clips if num_clips is None else num_clips,

@@ -379,3 +379,42 @@ def test_eval_bn_folding_equals_plain_bn_and_follows_weight_changes():
     m.train()
     with torch.no_grad():
         m(x)  # training mode: plain BN with batch statistics, running stats updated
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the Global Context block (GCNet) as an instantiation of the NL family
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_global_context_model_identity_at_init_and_trains():
+    torch.manual_seed(0)
+    gc = create_model("c2d_r18_nl5", width=8, instantiation="global_context").eval()
+    base = create_model("c2d_r18", width=8).eval()
+    load_state_dict_checked(base, {k: v for k, v in gc.state_dict().items() if ".nl." not in k})
+    x = torch.randn(1, 3, 8, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(gc(x), base(x))
+    gc.train()
+    for mod in gc.modules():  # out is zero at init: open it so mask/g/ln learn
+        if type(mod).__name__ == "NonLocalBlock":
+            torch.nn.init.normal_(mod.out.weight, std=0.1)
+    gc(torch.randn(2, 3, 8, 32, 32)).square().mean().backward()
+    for pname, p in gc.named_parameters():
+        if ".nl." in pname and pname.endswith(".weight"):
+            assert p.grad is not None and p.grad.abs().sum() > 0, pname
+
+
+def test_global_context_counts():
+    """params C + C'(C + 1) + 2C' + C(C' + 1) with C' = C/4; MACs: the mask (N' x C), the attention sum (N' x C),
+    g and out on one vector (C C' each) per sample; NL MACs of the same place for contrast."""
+    s = summarize(create_model("tiny", instantiation="global_context"), (3, 8, 64, 64))
+    nl = summarize(create_model("tiny"), (3, 8, 64, 64))
+    for row, nl_row in zip(s["nonlocal"], nl["nonlocal"]):
+        C, t, h, w = row["input"]
+        Ci = C // 4
+        n_keys = t * (h // 2) * (w // 2)
+        assert row["params"] == (C + 1) + Ci * (C + 1) + 2 * Ci + C * (Ci + 1), row
+        assert row["macs"] == 2 * n_keys * C + 2 * C * Ci, row
+        assert row["attention_bytes"] == n_keys * 4  # one map per clip
+        assert row["macs"] < nl_row["macs"] / 50
+    assert s["params"] < nl["params"]

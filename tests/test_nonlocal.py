@@ -6,18 +6,24 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nlvid.errors import ConfigError
 from nlvid.models.nonlocal_block import AttentionRecorder, NonLocalBlock
 
-INSTS = ["gaussian", "embedded_gaussian", "dot_product", "concatenation"]
+INSTS = ["gaussian", "embedded_gaussian", "dot_product", "concatenation", "global_context"]
 MODES = ["spacetime", "space", "time"]
 POSITIONS = ["input", "after"]
 POOLS = [(1, 2, 2), (2, 2, 2), (1, 1, 1)]
 SHAPES = {1: (2, 8, 10), 2: (2, 8, 5, 6), 3: (2, 8, 4, 5, 6)}  # odd sizes: pooling drops remainders
 
-FULL_GRID = list(itertools.product(INSTS, MODES, POSITIONS, POOLS, sorted(SHAPES), ["bn", "none"]))
+# global_context takes only norm "none" (GCNet: LayerNorm inside, W_z zero-initialised; see test_global_context_*).
+FULL_GRID = [p for p in itertools.product(INSTS, MODES, POSITIONS, POOLS, sorted(SHAPES), ["bn", "none"])
+             if not (p[0] == "global_context" and p[5] == "bn")]
+# C' = 4 for every instantiation (C/2 of 8; global_context's default C/4 = 2 would make its LayerNorm over C' a
+# sign function, whose gradient compares badly between two summation orders)
+DIM_INNER = 4
 
 
 def _ids(p):
@@ -48,7 +54,7 @@ def test_identity_at_init_and_fast_equals_explicit(params):
     inst, mode, pos, pool, dims, norm = params
     torch.manual_seed(0)
     x = torch.randn(SHAPES[dims])
-    block = NonLocalBlock(8, instantiation=inst, mode=mode, pool_position=pos, pool_size=pool, norm=norm)
+    block = NonLocalBlock(8, DIM_INNER, instantiation=inst, mode=mode, pool_position=pos, pool_size=pool, norm=norm)
     # identity at init, exactly, both impls, train and eval
     for impl, training in itertools.product(["explicit", "fast"], [True, False]):
         block.impl = impl
@@ -98,7 +104,8 @@ ROW_GRID = list(itertools.product(INSTS, MODES, POSITIONS, [(1, 2, 2), (2, 2, 2)
 def test_attention_rows_match_full_matrix(inst, mode, pos, pool, dims):
     torch.manual_seed(2)
     x = torch.randn(SHAPES[dims])
-    block = _randomise(NonLocalBlock(8, instantiation=inst, mode=mode, pool_position=pos, pool_size=pool)).eval()
+    block = _randomise(NonLocalBlock(8, DIM_INNER, instantiation=inst, mode=mode, pool_position=pos,
+                                     pool_size=pool)).eval()
     x5 = block._as5d(x)
     B, _, T, H, W = x5.shape
     kernel = block.kernel_for((T, H, W))
@@ -127,7 +134,7 @@ def test_attention_rows_match_full_matrix(inst, mode, pos, pool, dims):
     assert key_grid == kgrid
     assert weights.shape == (B, len(pick), full.shape[-1])
     assert torch.allclose(weights, full[:, pick], atol=1e-5, rtol=1e-4)
-    if inst in ("gaussian", "embedded_gaussian"):
+    if inst in ("gaussian", "embedded_gaussian", "global_context"):
         assert torch.allclose(weights.sum(-1), torch.ones(B, len(pick)), atol=1e-5)
         assert (weights >= 0).all()
 
@@ -296,7 +303,7 @@ def test_parameter_gradients_match():
     torch.manual_seed(4)
     x = torch.randn(2, 8, 4, 4, 4)
     for inst in INSTS:
-        block = _randomise(NonLocalBlock(8, instantiation=inst))
+        block = _randomise(NonLocalBlock(8, DIM_INNER, instantiation=inst))
         grads = {}
         for impl in ("explicit", "fast"):
             block.impl = impl
@@ -308,3 +315,52 @@ def test_parameter_gradients_match():
         fast = torch.cat([g.flatten() for g in grads["fast"].values()])
         ref = torch.cat([g.flatten() for g in grads["explicit"].values()])
         assert _close(fast, ref) <= 1e-4, inst
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# global_context (GCNet)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _gcnet_reference(block: NonLocalBlock, x: torch.Tensor) -> torch.Tensor:
+    """GCNet's ContextBlock (mmcv, pooling_type="att", fusion "channel_add") written out for 3-D input, spacetime
+    mode, no key pooling: softmax over positions of a 1x1x1 conv, attention-pooled x, then conv C -> C', LayerNorm
+    over [C', 1, 1, 1], ReLU, conv C' -> C, added to every position."""
+    B, C = x.shape[:2]
+    logits = F.conv3d(x, block.mask.weight, block.mask.bias).view(B, 1, -1)  # (B, 1, N)
+    a = torch.softmax(logits, dim=-1)
+    ctx = torch.bmm(x.view(B, C, -1), a.transpose(1, 2)).view(B, C, 1, 1, 1)  # (B, C, N) @ (B, N, 1) -> (B, C, 1...)
+    t = F.conv3d(ctx, block.g.weight, block.g.bias)
+    t = torch.relu(F.layer_norm(t, t.shape[1:], block.ln.weight, block.ln.bias, block.ln.eps))
+    return x + F.conv3d(t, block.out.weight, block.out.bias)
+
+
+def test_global_context_equals_plain_formula():
+    torch.manual_seed(5)
+    x = torch.randn(2, 16, 3, 5, 6)
+    block = _randomise(NonLocalBlock(16, instantiation="global_context", pool_size=None))
+    ref = _gcnet_reference(block, x)
+    for impl in ("explicit", "fast"):
+        block.impl = impl
+        assert _close(block(x), ref) <= 1e-5, impl
+    # its attention rows: one map, the same for every query
+    w, grid = block.attention_rows(x, torch.tensor([[0, 0, 0], [2, 4, 5], [1, 2, 3]]))
+    assert grid == (3, 5, 6)
+    a = torch.softmax(F.conv3d(x, block.mask.weight, block.mask.bias).view(2, -1), -1)  # (B, N)
+    assert torch.allclose(w, a[:, None].expand(-1, 3, -1), atol=1e-6)
+
+
+def test_global_context_parts_defaults_and_state_dict():
+    b = NonLocalBlock(32, instantiation="global_context")
+    assert b.dim_inner == 8 and b.norm == "none" and not b.variant.query_dependent
+    shapes = {k: tuple(v.shape) for k, v in b.state_dict().items()}
+    assert shapes == {"mask.weight": (1, 32, 1, 1, 1), "mask.bias": (1,), "g.weight": (8, 32, 1, 1, 1),
+                      "g.bias": (8,), "ln.weight": (8, 1, 1, 1), "ln.bias": (8, 1, 1, 1),
+                      "out.weight": (32, 8, 1, 1, 1), "out.bias": (32,)}
+    assert torch.count_nonzero(b.out.weight) == 0 and torch.count_nonzero(b.out.bias) == 0  # identity at init
+    assert NonLocalBlock(32, 2, instantiation="global_context").dim_inner == 2  # r = 16
+    assert b.scale_value == 1.0
+    with pytest.raises(ConfigError, match="norm='bn' is not allowed for instantiation=global_context"):
+        NonLocalBlock(32, instantiation="global_context", norm="bn")
+    with pytest.raises(ConfigError, match="never scaled"):
+        NonLocalBlock(32, instantiation="global_context", scale=0.5)

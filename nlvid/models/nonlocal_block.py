@@ -19,6 +19,20 @@ Instantiations (f, C(x)):
     concatenation       ReLU(w_f . [theta_i, phi_j])  C(x) = n'; w_f = `concat_project`, an nn.Linear(2C', 1,
                                                       bias=False): the first C' weights act on theta, the last C'
                                                       on phi, so f_ij = ReLU(w1 . theta_i + w2 . phi_j)
+    global_context      exp(w_k . x_j)                softmax over keys; the same row for every query (GCNet, Cao et al.
+                                                      2019): one map per group from `mask`, a 1x1x1 conv C -> 1
+
+Global context (GCNet's block in the NL family): a_j = softmax_j(mask(x)_j) is one attention map per group (per
+sample in spacetime mode), the pooled context y = sum_j a_j g(x_j) (C') is transformed by LayerNorm over C' (`ln`,
+LayerNorm([C', 1, 1, 1])) and ReLU, then W_z (`out`, C' -> C) and added to every position of the group:
+    z_i = x_i + out(ReLU(LN(sum_j a_j g(x_j))))
+g is GCNet's first transform conv (C -> C/r): since sum_j a_j = 1, g(sum_j a_j x_j) = sum_j a_j g(x_j), so pooling
+x with the attention first and then applying g (GCNet's order, what the fast path does) is the same number. Its
+defaults come from the `VARIANTS` table: C' = C/4 (GCNet's r = 4; pass dim_inner for r = 16) and norm "none" (`out`
+zero-initialised, as GCNet and timm do), so the block is the identity at init like every other instantiation.
+norm="bn" is refused: a BN after W_z would see one constant per sample and group, normalised over the batch alone
+(ill-conditioned at small batches, and not GCNet). LayerNorm over C' needs C' >= 2 to mean anything (C' = 2 gives
++-1 whatever the input): keep C' well above that.
 
 Pooling: keys/values come from a max-pool (kernel = stride = pool_size, no padding, remainders dropped as in
 PySlowFast's MaxPool3d). pool_position="input" pools x before phi/g (official Caffe2 / PySlowFast, default);
@@ -42,11 +56,13 @@ Grid mapping for attention_rows / AttentionRecorder: queries are cells (t, h, w)
 the cells (t', h', w') of the pooled grid `key_grid`, flattened in (t', h', w') order; key (t', h', w') covers input
 cells t'*kt .. t'*kt+kt-1 (same for h, w), i.e. in pixels a key spans kt x kh x kw input cells.
 
-Implementations (`impl`): "explicit" = conv3d + bmm + softmax + bmm, the reference; "fast" = token-layout matmuls,
+Implementations (`impl`): "explicit" = conv3d + bmm + softmax + bmm, the reference (global_context too: its one
+row broadcast to an n x n' matrix, then LN/ReLU per position); "fast" = token-layout matmuls,
 `scaled_dot_product_attention` for the gaussians with contiguous (G, 1, n, D) tensors, theta (phi^T g) / n' for
 dot_product (never forms the n x n' matrix; in spacetime mode
 further collapsed to one per-sample C x C matrix applied to x, see _dot_collapses), a query-chunked custom autograd function for concatenation (memory bounded
-in training too), BN folded into W_z in eval mode. "auto" = fast. Both give the same numbers (fp32, <= 1e-4).
+in training too), global_context as one (G, C') context vector per group broadcast onto its positions, BN folded
+into W_z in eval mode. "auto" = fast. Both give the same numbers (fp32, <= 1e-4).
 The fast path supports first-order gradients only (concatenation uses a custom autograd function); for double
 backward use impl="explicit". Inputs may be contiguous or channels_last_3d; a channels-last input keeps that layout.
 """
@@ -54,6 +70,7 @@ backward use impl="explicit". Inputs may be contiguous or channels_last_3d; a ch
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +86,35 @@ class Impl(Choice):
     AUTO = "auto"
     EXPLICIT = "explicit"
     FAST = "fast"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What an instantiation is made of (the block's code branches on these properties, not on names).
+
+    embeds: theta/phi 1x1x1 convs (gaussian uses x itself; global_context has `mask` instead).
+    softmax: rows are softmax probabilities (else raw f / n').
+    scalable: a softmax temperature applies (`scale`).
+    query_dependent: rows differ between queries (False: one map per group, global_context).
+    reduction: default C / C'.  norm: default output normalisation; norms: the ones allowed."""
+
+    embeds: bool
+    softmax: bool
+    scalable: bool
+    query_dependent: bool = True
+    reduction: int = 2
+    norm: str = "bn"
+    norms: tuple[str, ...] = ("bn", "none")
+
+
+VARIANTS: dict[str, Variant] = {
+    "gaussian": Variant(embeds=False, softmax=True, scalable=True),
+    "embedded_gaussian": Variant(embeds=True, softmax=True, scalable=True),
+    "dot_product": Variant(embeds=True, softmax=False, scalable=False),
+    "concatenation": Variant(embeds=True, softmax=False, scalable=False),
+    "global_context": Variant(embeds=False, softmax=True, scalable=False, query_dependent=False, reduction=4,
+                              norm="none", norms=("none",)),
+}
 
 
 # Concatenation chunks queries so one chunk's (G, rows, n') affinity stays below this many floats (64 MiB fp32).
@@ -195,17 +241,20 @@ class NonLocalBlock(nn.Module):
     """Non-local block; identity at init. See the module docstring for the math, shapes, modes and pooling.
 
     Args (keywords after dim_inner):
-        dim_in: input channels C.  dim_inner: C' (default C // 2).
-        instantiation: gaussian | embedded_gaussian (default) | dot_product | concatenation.
+        dim_in: input channels C.  dim_inner: C'.
+        instantiation: gaussian | embedded_gaussian (default) | dot_product | concatenation | global_context.
+        dim_inner default: C // VARIANTS[instantiation].reduction (C/2; C/4 for global_context).
         scale: gaussians only: True (default: D^-0.5 with D the dot-product width), False (no scale), or a float.
         pool_size: (t, h, w) max-pool for keys/values; (1, 1, 1) or None disables.
         pool_position: "input" (pool x before phi/g, default) or "after" (pool phi(x), g(x)).
         mode: spacetime (default) | space | time.
-        norm: "bn" (BatchNorm3d `bn` after W_z, gamma zero-init) or "none" (W_z = `out` zero-init).
+        norm: "bn" (BatchNorm3d `bn` after W_z, gamma zero-init) or "none" (W_z = `out` zero-init); None: the
+            instantiation's default ("bn"; global_context allows only "none", as GCNet).
         impl: auto | explicit | fast.
     Submodules: theta, phi (absent for gaussian), g, out: Conv3d 1x1x1 with bias (weights (C', C, 1, 1, 1) and
     (C, C', 1, 1, 1), as PySlowFast's conv_theta/phi/g/out); bn: BatchNorm3d(C) when norm="bn";
-    concat_project: Linear(2C', 1, bias=False) for concatenation.
+    concat_project: Linear(2C', 1, bias=False) for concatenation; global_context: mask Conv3d(C, 1), g, ln
+    LayerNorm([C', 1, 1, 1]) (weight/bias (C', 1, 1, 1)), out.
     """
 
     def __init__(
@@ -218,16 +267,24 @@ class NonLocalBlock(nn.Module):
         pool_size: Iterable[int] | None = (1, 2, 2),
         pool_position: str = "input",
         mode: str = "spacetime",
-        norm: str = "bn",
+        norm: str | None = None,
         impl: str = "auto",
     ) -> None:
         super().__init__()
         self.dim_in = _positive_int("dim_in", dim_in)
-        self.dim_inner = _positive_int("dim_inner", dim_in // 2 if dim_inner is None and dim_in >= 2 else dim_inner)
         self.instantiation = Instantiation.check("NonLocalBlock instantiation", instantiation)
+        self.variant = VARIANTS[self.instantiation]
+        r = self.variant.reduction
+        self.dim_inner = _positive_int("dim_inner", dim_in // r if dim_inner is None and dim_in >= r else dim_inner)
         self.pool_position = PoolPosition.check("NonLocalBlock pool_position", pool_position)
         self.mode = Mode.check("NonLocalBlock mode", mode)
-        self.norm = Norm.check("NonLocalBlock norm", norm)
+        self.norm = Norm.check("NonLocalBlock norm", self.variant.norm if norm is None else norm)
+        if self.norm not in self.variant.norms:
+            raise ConfigError(
+                f"NonLocalBlock: norm={self.norm!r} is not allowed for instantiation={self.instantiation}; use "
+                f"{' or '.join(self.variant.norms)} (it normalises inside its bottleneck with LayerNorm; a BN after "
+                "W_z would normalise one constant per sample over the batch)"
+            )
         self.impl = Impl.check("NonLocalBlock impl", impl)
         if pool_size is None:
             pool_size = (1, 1, 1)
@@ -243,7 +300,7 @@ class NonLocalBlock(nn.Module):
         self.pool_size: tuple[int, int, int] = ps  # type: ignore[assignment]
         if scale is None:
             scale = True
-        gaussian_like = self.instantiation in ("gaussian", "embedded_gaussian")
+        gaussian_like = self.variant.scalable
         if isinstance(scale, bool):
             self.scale: bool | float = scale
         elif isinstance(scale, (int, float)) and scale > 0 and gaussian_like:
@@ -251,16 +308,20 @@ class NonLocalBlock(nn.Module):
         else:
             raise ConfigError(
                 f"NonLocalBlock: scale={scale!r} is not allowed for instantiation={self.instantiation}; use True or "
-                "False" + (" or a positive float" if gaussian_like else " (dot_product/concatenation are never scaled)")
+                "False" + (" or a positive float" if gaussian_like else f" ({self.instantiation} is never scaled)")
             )
 
         C, Ci = self.dim_in, self.dim_inner
-        if self.instantiation != "gaussian":
+        if self.variant.embeds:
             self.theta = nn.Conv3d(C, Ci, kernel_size=1)
             self.phi = nn.Conv3d(C, Ci, kernel_size=1)
+        if not self.variant.query_dependent:
+            self.mask = nn.Conv3d(C, 1, kernel_size=1)  # GCNet's conv_mask: one attention logit per position
         self.g = nn.Conv3d(C, Ci, kernel_size=1)
         if self.instantiation == "concatenation":
             self.concat_project = nn.Linear(2 * Ci, 1, bias=False)
+        if not self.variant.query_dependent:
+            self.ln = nn.LayerNorm([Ci, 1, 1, 1])  # GCNet's LayerNorm([C/r, 1, 1]) in the 3-D layout
         self.out = nn.Conv3d(Ci, C, kernel_size=1)
         if self.norm == "bn":
             self.bn = nn.BatchNorm3d(C)
@@ -289,8 +350,8 @@ class NonLocalBlock(nn.Module):
     # -- small helpers -------------------------------------------------------------------------------------------
     @property
     def scale_value(self) -> float:
-        """The softmax temperature the gaussians use (1.0 for dot_product/concatenation, which ignore it)."""
-        if self.instantiation not in ("gaussian", "embedded_gaussian") or self.scale is False:
+        """The softmax temperature the gaussians use (1.0 for the other instantiations, which ignore it)."""
+        if not self.variant.scalable or self.scale is False:
             return 1.0
         if self.scale is True:
             width = self.dim_in if self.instantiation == "gaussian" else self.dim_inner
@@ -327,6 +388,12 @@ class NonLocalBlock(nn.Module):
         w = self.concat_project.weight[0]  # (1, 2C') -> (2C',)
         return w[: self.dim_inner], w[self.dim_inner :]  # w1 acts on theta_i, w2 on phi_j
 
+    def _context_transform(self, y: torch.Tensor) -> torch.Tensor:
+        """global_context's bottleneck middle: LayerNorm over the last axis (C') with `ln`'s (C', 1, 1, 1) affine
+        parameters, then ReLU; (..., C') -> (..., C')."""
+        ln = self.ln
+        return torch.relu(F.layer_norm(y, (self.dim_inner,), ln.weight.flatten(), ln.bias.flatten(), ln.eps))
+
     def _bn_folded_out(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_z and its bias with an eval-mode BN folded in: (C, C'), (C,)."""
         weight = self.out.weight.flatten(1)  # (C, C', 1, 1, 1) -> (C, C')
@@ -353,20 +420,29 @@ class NonLocalBlock(nn.Module):
         return z5.view(x.shape) if x.dim() != 5 else z5  # (B, C, 1, 1, L) -> (B, C, L); (B, C, 1, H, W) -> (B, C, H, W)
 
     # The explicit reference: conv3d, max_pool3d, bmm, softmax, bmm.
+    def _key_conv(self) -> nn.Module | None:
+        """The 1x1x1 conv that makes keys: phi, global_context's mask (C -> 1), or None (gaussian: keys = x)."""
+        if self.variant.embeds:
+            return self.phi
+        return None if self.variant.query_dependent else self.mask
+
     def _embed_explicit(self, x5: torch.Tensor):
-        """Returns theta (B, D, T, H, W), phi (B, D, t', h', w'), g (B, C', t', h', w')."""
+        """Returns theta (B, D, T, H, W), phi (B, D, t', h', w'), g (B, C', t', h', w').
+
+        global_context: theta is x itself (only its grid is used: every query gets the same row), phi the mask
+        logits (B, 1, t', h', w')."""
         kernel = self.kernel_for(tuple(x5.shape[2:]))
-        gaussian = self.instantiation == "gaussian"
+        key_conv = self._key_conv()
 
         def pool(t):
             return F.max_pool3d(t, kernel, kernel) if kernel != (1, 1, 1) else t
 
-        theta = x5 if gaussian else self.theta(x5)
-        if self.pool_position == "input" or gaussian:
+        theta = self.theta(x5) if self.variant.embeds else x5
+        if self.pool_position == "input" or key_conv is None:
             xp = pool(x5)
-            phi = xp if gaussian else self.phi(xp)
+            phi = xp if key_conv is None else key_conv(xp)
         else:
-            phi = pool(self.phi(x5))
+            phi = pool(key_conv(x5))
         g = self.g(pool(x5)) if self.pool_position == "input" else pool(self.g(x5))
         return theta, phi, g
 
@@ -390,8 +466,12 @@ class NonLocalBlock(nn.Module):
         return y.view(B, H, W, T, D).permute(0, 4, 3, 1, 2)  # (B*H*W, T, C') -> (B, H, W, T, C') -> (B, C', T, H, W)
 
     def _affinity_explicit(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """f / C(x) as a full matrix: q (G, n, D), k (G, n', D) -> (G, n, n')."""
+        """f / C(x) as a full matrix: q (G, n, D), k (G, n', D) -> (G, n, n'). global_context: k (G, n', 1) logits,
+        the one softmax row repeated for every query (q gives only n)."""
         n_keys = k.shape[1]
+        if not self.variant.query_dependent:
+            a = torch.softmax(k[..., 0], dim=-1)  # (G, n', 1) -> (G, n')
+            return a[:, None, :].expand(-1, q.shape[1], -1)  # (G, 1, n') -> (G, n, n')
         if self.instantiation == "concatenation":
             w1, w2 = self._concat_weights()
             a = q @ w1  # (G, n, C') @ (C',) -> (G, n)
@@ -407,6 +487,8 @@ class NonLocalBlock(nn.Module):
         theta, phi, g = self._embed_explicit(x5)
         q, k, v = self._group(theta), self._group(phi), self._group(g)  # (G, n, D), (G, n', D), (G, n', C')
         y = torch.bmm(self._affinity_explicit(q, k), v)  # (G, n, n') @ (G, n', C') -> (G, n, C')
+        if not self.variant.query_dependent:
+            y = self._context_transform(y)  # (G, n, C'), LayerNorm over C' then ReLU at every position
         p = self.out(self._ungroup(y, (B, T, H, W)))  # (B, C', T, H, W) -> (B, C, T, H, W)
         if self.norm == "bn":
             p = self.bn(p)
@@ -486,7 +568,37 @@ class NonLocalBlock(nn.Module):
         C, Ci = self.dim_in, self.dim_inner
         return self.instantiation == "dot_product" and self.mode == "spacetime" and C * C <= Ci * (2 * C + Ci)
 
+    def _forward_global_context(self, x5: torch.Tensor) -> torch.Tensor:
+        """global_context, fast: one softmax map and one context vector per group, transformed once, added to the
+        group's positions by broadcasting (no n x n' matrix, no per-position transform)."""
+        B, C, T, H, W = x5.shape
+        grid = (T, H, W)
+        kernel = self.kernel_for(grid)
+        pgrid = tuple(s // k for s, k in zip(grid, kernel))
+        if self.pool_position == "input":
+            xpt = _tokens(_pool5(x5, kernel)).contiguous()  # (B, N', C)
+            logits = _linear_tokens(xpt, self.mask.weight, self.mask.bias)  # (B, N', 1)
+            values = xpt  # g is applied after the attention sum (g linear, rows sum to 1)
+        else:
+            xt = _tokens(x5)  # (B, N, C)
+            logits = _pool_tokens(_linear_tokens(xt, self.mask.weight, self.mask.bias), grid, kernel)  # (B, N', 1)
+            values = _pool_tokens(_linear_tokens(xt, self.g.weight, self.g.bias), grid, kernel)  # (B, N', C')
+        a = torch.softmax(self._group_tokens(logits, pgrid), dim=1)  # (G, n', 1), softmax over the group's keys
+        ctx = torch.bmm(a.transpose(1, 2), self._group_tokens(values, pgrid))  # (G, 1, n') @ (G, n', D) -> (G, 1, D)
+        if self.pool_position == "input":
+            ctx = F.linear(ctx, self.g.weight.flatten(1), self.g.bias)  # (G, 1, C) -> (G, 1, C')
+        d = F.linear(self._context_transform(ctx), self.out.weight.flatten(1), self.out.bias)  # (G, 1, C') -> (G, 1, C)
+        if self.mode == "spacetime":
+            d = d.view(B, C, 1, 1, 1)  # (B, 1, C) -> (B, C, 1, 1, 1)
+        elif self.mode == "space":
+            d = d.view(B, T, C).permute(0, 2, 1)[..., None, None]  # (B*T, 1, C) -> (B, T, C) -> (B, C, T, 1, 1)
+        else:
+            d = d.view(B, H, W, C).permute(0, 3, 1, 2)[:, :, None]  # (B*H*W, 1, C) -> (B, H, W, C) -> (B, C, 1, H, W)
+        return x5 + d
+
     def _forward_fast(self, x5: torch.Tensor) -> torch.Tensor:
+        if not self.variant.query_dependent:
+            return self._forward_global_context(x5)
         B, C, T, H, W = x5.shape
         grid = (T, H, W)
         train_bn = self._bn_needs_batch_stats()
@@ -533,7 +645,8 @@ class NonLocalBlock(nn.Module):
         x: the block's input ((B, C, L), (B, C, H, W) or (B, C, T, H, W)); queries: LongTensor (Q, 3) of (t, h, w)
         cells on the 5-D view of the input grid (see the module docstring). Weights are softmax rows for the
         gaussians and raw f / n' for dot_product/concatenation, over the pooled key grid flattened in (t', h', w')
-        order, zero outside the keys a query may see in mode space/time. Memory is O(Q * N'), not O(N * N').
+        order, zero outside the keys a query may see in mode space/time (global_context: its softmax map over the
+        query's group, the same row for every query of a group). Memory is O(Q * N'), not O(N * N').
         """
         x5 = self._as5d(x)
         self._check_channels(x5)
@@ -549,18 +662,18 @@ class NonLocalBlock(nn.Module):
             )
         kernel = self.kernel_for((T, H, W))
         kgrid = (T // kernel[0], H // kernel[1], W // kernel[2])
-        gaussian = self.instantiation == "gaussian"
+        key_conv = self._key_conv()
         flat = (queries[:, 0] * H + queries[:, 1]) * W + queries[:, 2]  # (Q,)
         xq = x5.flatten(2)[:, :, flat]  # (B, C, T, H, W) -> (B, C, N) -> (B, C, Q)
         xq_t = xq.transpose(1, 2)  # (B, C, Q) -> (B, Q, C)
-        q = xq_t if gaussian else F.linear(xq_t, self.theta.weight.flatten(1), self.theta.bias)  # (B, Q, D)
-        if self.pool_position == "input" or gaussian:
+        q = F.linear(xq_t, self.theta.weight.flatten(1), self.theta.bias) if self.variant.embeds else xq_t  # (B, Q, D)
+        if self.pool_position == "input" or key_conv is None:
             xp = F.max_pool3d(x5, kernel, kernel) if kernel != (1, 1, 1) else x5  # (B, C, t', h', w')
-            phi = xp if gaussian else self.phi(xp)
+            phi = xp if key_conv is None else key_conv(xp)
         else:
-            phi = self.phi(x5)
+            phi = key_conv(x5)
             phi = F.max_pool3d(phi, kernel, kernel) if kernel != (1, 1, 1) else phi
-        k = phi.flatten(2).transpose(1, 2)  # (B, D, t', h', w') -> (B, D, N') -> (B, N', D)
+        k = phi.flatten(2).transpose(1, 2)  # (B, D, t', h', w') -> (B, D, N') -> (B, N', D); D = 1 for the mask
         n_all = k.shape[1]
 
         # Which keys each query may see: (Q, N') bool, or None for spacetime.
@@ -578,7 +691,10 @@ class NonLocalBlock(nn.Module):
             w1, w2 = self._concat_weights()
             f = torch.relu((q @ w1)[:, :, None] + (k @ w2)[:, None, :]) / n_group  # (B, Q, 1) + (B, 1, N')
         else:
-            s = torch.bmm(q, k.transpose(1, 2))  # (B, Q, D) @ (B, D, N') -> (B, Q, N')
+            if self.variant.query_dependent:
+                s = torch.bmm(q, k.transpose(1, 2))  # (B, Q, D) @ (B, D, N') -> (B, Q, N')
+            else:
+                s = k.transpose(1, 2).expand(-1, q.shape[1], -1)  # (B, N', 1) -> (B, 1, N') -> (B, Q, N'), one row
             if self.instantiation == "dot_product":
                 f = s / n_group
             else:

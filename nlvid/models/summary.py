@@ -44,7 +44,8 @@ def summarize(model: nn.Module, input_shape: Sequence[int]) -> dict[str, Any]:
     Returns {"input": [3, T, H, W], "params": int, "macs": int, "stages": [{"name", "output", "params", "macs"}],
     "nonlocal": [{"name", "input", "queries", "keys", "key_grid", "mode", "attention_bytes", "params", "macs"}]}.
     `keys` is the number of key positions each query attends to (N' for spacetime; H'W' for space; T' for time);
-    `attention_bytes` = queries x keys x 4, the fp32 attention matrix of one clip.
+    `attention_bytes` = maps x keys x 4, the fp32 attention of one clip, where maps = queries for the pairwise
+    instantiations and one map per group for global_context (1 in spacetime mode, T in space, H*W in time).
     """
     shape = tuple(int(s) for s in input_shape)
     if len(shape) == 5:
@@ -98,9 +99,12 @@ def summarize(model: nn.Module, input_shape: Sequence[int]) -> dict[str, Any]:
         kt, kh, kw = (t // pool[0], h // pool[1], w // pool[2])
         queries = t * h * w
         keys = {"spacetime": kt * kh * kw, "space": kh * kw, "time": kt}.get(mode, kt * kh * kw)
+        maps = queries
+        if not getattr(getattr(mod, "variant", None), "query_dependent", True):  # global_context: one map a group
+            maps = {"spacetime": 1, "space": t, "time": h * w}.get(mode, 1)
         nonlocal_rows.append({
             "name": mname, "input": [c, t, h, w], "queries": queries, "keys": keys, "key_grid": [kt, kh, kw],
-            "mode": mode, "attention_bytes": queries * keys * 4, "params": _params(mod), "macs": macs_of(mname),
+            "mode": mode, "attention_bytes": maps * keys * 4, "params": _params(mod), "macs": macs_of(mname),
         })
 
     return {

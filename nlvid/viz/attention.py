@@ -26,8 +26,8 @@ Memory stays bounded on long clips and large frames: only query rows are compute
 `AttentionRecorder.attention` (= `NonLocalBlock.attention_rows`), in chunks of at most `MAX_CHUNK_ELEMENTS`
 weights; the full N x N' matrix is never formed here.
 
-Display weights (`display_weights`): gaussian / embedded_gaussian rows are softmax rows (sum 1, in [0, 1]) and are
-shown as they are. dot_product and concatenation weights f/N' are not probabilities (dot products can be negative):
+Display weights (`display_weights`): gaussian / embedded_gaussian / global_context rows are softmax rows (sum 1,
+in [0, 1]) and are shown as they are (global_context's row is the same for every query: one map). dot_product and concatenation weights f/N' are not probabilities (dot products can be negative):
 for display and ranking they are clamped at 0 and each row divided by its sum (a row that is all <= 0 stays 0).
 
 Automatic query choice (`choose_queries`): every query cell in a temporal cell that has a shown frame is scored by
@@ -53,8 +53,9 @@ from nlvid.data.sampling import clip_indices, uniform_starts
 from nlvid.data.transforms import VIEWS, Box, single_view, view_short_side
 from nlvid.errors import ConfigError, NlvidError
 from nlvid.models import AttentionRecorder
+from nlvid.models.nonlocal_block import VARIANTS
 
-PROBABILITY_INSTANTIATIONS = ("gaussian", "embedded_gaussian")
+PROBABILITY_INSTANTIATIONS = tuple(name for name, v in VARIANTS.items() if v.softmax)
 MAX_CHUNK_ELEMENTS = 4_000_000  # weights per attention_rows call while scoring all query cells
 
 
@@ -208,6 +209,23 @@ class GridMap:
         _, gh, gw = self.query_grid
         return (self.qt_of_frame(frame), min(gh - 1, int(yi * gh / H)), min(gw - 1, int(xi * gw / W)))
 
+    # --- centres on the model input, for distances (frames, input pixels)
+    def query_centres(self) -> np.ndarray:
+        """Every query cell's centre in flattened (t, h, w) order: (N, 3) float (frame, y, x) on the model input;
+        frame in input-frame units (cell t covers frames [t*T/t_q, (t+1)*T/t_q)), y, x in input pixels."""
+        return self._centres(self.query_grid, (1, 1, 1))
+
+    def key_centres(self) -> np.ndarray:
+        """Every key cell's centre in flattened (t', h', w') order: (Nk, 3) float (frame, y, x) on the model input;
+        key cell t' spans query cells [t'*pt, (t'+1)*pt), so its centre sits at (t'*pt + pt/2) query cells."""
+        return self._centres(self.key_grid, self.key_pool)
+
+    def _centres(self, cells: Sequence[int], pool: Sequence[int]) -> np.ndarray:
+        per_cell = np.array(self.input_shape, dtype=np.float64) / np.array(self.query_grid, dtype=np.float64)
+        axes = [(np.arange(n) * p + p / 2) * s for n, p, s in zip(cells, pool, per_cell)]
+        axes[0] = axes[0] - 0.5  # frames are indexed at their centres: cell [0, 2) of frames holds frames 0, 1
+        return np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)  # (t, h, w, 3) -> (N, 3)
+
     def key_cells(self) -> np.ndarray:
         """All key cells in flattened (t', h', w') order: (Nk, 3)."""
         kt, kh, kw = self.key_grid
@@ -357,6 +375,12 @@ class BlockAttention:
     @property
     def normalisation(self) -> str:
         return normalisation_note(self.instantiation)
+
+    @property
+    def query_dependent(self) -> bool:
+        """False for global_context: one map per group, the same for every query (drawn as one overlay)."""
+        v = VARIANTS.get(self.instantiation or "")
+        return v is None or v.query_dependent
 
     def to_json(self) -> dict[str, Any]:
         g = self.grid

@@ -8,6 +8,7 @@ normalised (`nlvid.viz.attention.normalisation_note`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from nlvid.viz.attention import BlockAttention, ClipAttention, GridMap
+from nlvid.viz.stats import BlockStats
 
 DISPLAY_MIN = 256
 DISPLAY_MAX = 360
@@ -305,21 +307,27 @@ def summary_figure(clip: ClipAttention, block: BlockAttention) -> Image.Image:
     over = [overlay(b, heat_to_frame(grid, heat_for_frame(grid, block.mean_weights, i), size), vmax, vmin)
             for b, i in zip(base, shown)]
     n = int(np.prod(grid.query_grid))
-    row = _Row(clip, shown, over, f"mean attention each key receives over all {n} query positions; "
-                                  "chosen queries marked")
-    for qi, q in enumerate(block.queries):
-        x, y = row.to_px(q.frame, q.x, q.y)
-        _marker(row.draw, x, y, r=7, label=f"q{qi + 1}")
+    if block.query_dependent:
+        row = _Row(clip, shown, over, f"mean attention each key receives over all {n} query positions; "
+                                      "chosen queries marked")
+        for qi, q in enumerate(block.queries):
+            x, y = row.to_px(q.frame, q.x, q.y)
+            _marker(row.draw, x, y, r=7, label=f"q{qi + 1}")
+        headline = "where attention mass concentrates"
+    else:  # global_context: the map is the same for every query (per frame in space mode, per position in time)
+        row = _Row(clip, shown, over, "the attention map every query shares (mean over the query positions)")
+        headline = "global context map: one softmax over positions, the same for every query"
     width = max(row.image.width, 820)
     title = _caption(
         width,
         [
-            f"{block.name} ({block.instantiation or '?'}): where attention mass concentrates",
+            f"{block.name} ({block.instantiation or '?'}): {headline}",
             f"prediction: {clip.label}  p={clip.prob:.3f} ({clip.view} view)   query grid {grid.query_grid}, "
             f"key grid {grid.key_grid}",
         ],
     )
-    bar = _scale_bar(width, vmin, vmax, f"mean attention weight: {block.normalisation}")
+    what = "mean attention weight" if block.query_dependent else "attention weight of the shared map"
+    bar = _scale_bar(width, vmin, vmax, f"{what}: {block.normalisation}")
     return _stack([title, row.image, bar])
 
 
@@ -385,13 +393,20 @@ class WrittenFiles:
 
 
 def write_outputs(clip: ClipAttention, out_dir: str | Path, *, mp4: bool = False) -> WrittenFiles:
-    """Per block and query: <block>_q<i>.png and .gif (+ .mp4); per block: <block>_summary.png."""
+    """Per block and query: <block>_q<i>.png and .gif (+ .mp4); per block: <block>_summary.png. A block whose map
+    is the same for every query (global_context) gets one heat overlay, <block>_map.png, and no per-query files."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = WrittenFiles()
     for b in clip.blocks:
         stem = b.name.replace(".", "_")
         queries = []
+        if not b.query_dependent:
+            name = f"{stem}_map.png"
+            summary_figure(clip, b).save(out_dir / name, compress_level=3)
+            written.paths.append(out_dir / name)
+            written.blocks[b.name] = BlockFiles([], name)
+            continue
         for qi in range(len(b.queries)):
             names = {"png": f"{stem}_q{qi + 1}.png", "gif": f"{stem}_q{qi + 1}.gif"}
             query_figure(clip, b, qi).save(out_dir / names["png"], compress_level=3)
@@ -468,3 +483,157 @@ def terminal_renderable(clip: ClipAttention, *, width: int = 100, max_keys: int 
     parts.append(Text(f"prediction: {clip.label} p={clip.prob:.3f} (one {clip.view} view); "
                       f"green = query, cyan = top keys, bright = more attention"))
     return Group(*parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention statistics (nlvid.viz.stats)
+
+_BAR = (255, 170, 40)
+_MEAN = (90, 220, 255)
+_LIMIT = (255, 90, 90)
+
+
+def _bar_chart(width: int, height: int, mass: Sequence[float], lo: float, hi: float, *, title: str, xlabel: str,
+               ticks: Sequence[tuple[float, str]], marks: Sequence[tuple[float, tuple[int, int, int], str]] = (),
+               sublabels: Sequence[tuple[float, str]] = ()) -> Image.Image:
+    """Bars of `mass` (equal bins from lo to hi) with the y axis in % of attention mass, x ticks at data values,
+    optional second tick row (`sublabels`) and vertical marks (value, colour, label)."""
+    img = Image.new("RGB", (width, height), (24, 24, 24))
+    d = ImageDraw.Draw(img)
+    left, right, top = 52, 14, 30
+    bottom = 58 if sublabels else 42
+    pw, ph = width - left - right, height - top - bottom
+    d.text((left, 6), title, font=font(15), fill=(240, 240, 240))
+    m = np.asarray(mass, dtype=np.float64)
+    ymax = max(1e-9, float(m.max()) if m.size else 1.0)
+    ymax = math.ceil(ymax * 10 - 1e-9) / 10 if ymax > 0.1 else max(ymax * 1.1, 1e-3)
+    y0 = top + ph
+
+    def X(v: float) -> float:
+        return left + (v - lo) / (hi - lo) * pw
+
+    for f in (0.0, 0.5, 1.0):
+        y = y0 - f * ph
+        d.line((left - 4, y, left + pw, y), fill=(70, 70, 70) if f else (200, 200, 200), width=1)
+        t = f"{100 * f * ymax:.0f}%" if ymax >= 0.05 else f"{100 * f * ymax:.1f}%"
+        d.text((left - 8 - d.textlength(t, font=font(12)), y - 7), t, font=font(12), fill=(220, 220, 220))
+    n = max(1, len(m))
+    for i, v in enumerate(m):
+        xa, xb = X(lo + i * (hi - lo) / n), X(lo + (i + 1) * (hi - lo) / n)
+        if v > 0:
+            d.rectangle((xa + 1, y0 - v / ymax * ph, max(xa + 1, xb - 1), y0), fill=_BAR)
+    for v, label in ticks:
+        x = X(v)
+        d.line((x, y0, x, y0 + 4), fill=(220, 220, 220))
+        tw = d.textlength(label, font=font(12))
+        d.text((min(max(0, x - tw / 2), width - tw), y0 + 6), label, font=font(12), fill=(230, 230, 230))
+    for v, label in sublabels:
+        x = X(v)
+        tw = d.textlength(label, font=font(11))
+        d.text((min(max(0, x - tw / 2), width - tw), y0 + 21), label, font=font(11), fill=(170, 170, 170))
+    for k, (v, colour, label) in enumerate(marks):  # dashed lines; their labels stacked at the top right
+        x = X(min(max(v, lo), hi))
+        for y in range(top, int(y0), 6):
+            d.line((x, y, x, min(y0, y + 3)), fill=colour, width=2)
+        tw = d.textlength(label, font=font(12))
+        d.rectangle((left + pw - tw - 6, top + 2 + 16 * k, left + pw, top + 17 + 16 * k), fill=(24, 24, 24))
+        d.text((left + pw - tw - 3, top + 3 + 16 * k), label, font=font(12), fill=colour)
+    tw = d.textlength(xlabel, font=font(13))
+    d.text((left + (pw - tw) / 2, height - 18), xlabel, font=font(13), fill=(200, 200, 200))
+    return img
+
+
+def _side_by_side(images: Sequence[Image.Image]) -> Image.Image:
+    w = sum(im.width for im in images)
+    h = max(im.height for im in images)
+    out = Image.new("RGB", (w, h), (24, 24, 24))
+    x = 0
+    for im in images:
+        out.paste(im, (x, 0))
+        x += im.width
+    return out
+
+
+def stats_figure(stats: BlockStats) -> Image.Image:
+    """One block's statistics: reach in time (frames) and space (pixels, % of the width), the effective number of
+    keys (histograms of attention mass per query), and the query-dependence and entropy numbers."""
+    s = stats
+    W = s.width_px
+    T = s.input_shape[0]
+    panel_w, panel_h = 330, 250
+    th = s.time_hist
+    t_hi = th.edges[-1]
+    step = max(1, int(math.ceil(t_hi / 8)))
+    time_chart = _bar_chart(
+        panel_w, panel_h, th.mass, 0.0, t_hi, title=f"reach in time: mean {s.time_reach:.2f} frames",
+        xlabel="query -> key distance (frames of the clip)",
+        ticks=[(float(v), str(v)) for v in range(0, int(t_hi) + 1, step)],
+        marks=[(s.time_reach, _MEAN, f"mean {s.time_reach:.2f}"),
+               (1.0, _LIMIT, f"{100 * s.time_far_share:.0f}% > 1 frame")],
+    )
+    sh = s.space_hist
+    s_hi = sh.edges[-1]
+    space_chart = _bar_chart(
+        panel_w, panel_h, sh.mass, 0.0, s_hi, title=f"reach in space: mean {s.space_reach * W:.1f} px",
+        xlabel=f"distance in the frame (pixels; input width {W} px)",
+        ticks=[(f, f"{f * W:.0f}") for f in (0.0, 0.25, 0.5, 0.75, 1.0, 1.25) if f <= s_hi],
+        sublabels=[(f, f"{100 * f:.0f}% W") for f in (0.0, 0.25, 0.5, 0.75, 1.0, 1.25) if f <= s_hi],
+        marks=[(s.space_reach, _MEAN, f"mean {100 * s.space_reach:.0f}% W"),
+               (0.25, _LIMIT, f"{100 * s.space_far_share:.0f}% > 25% W")],
+    )
+    eh = s.effective_hist
+    n = s.keys
+    eff_chart = _bar_chart(
+        panel_w, panel_h, eh.mass, 0.0, 1.0, title=f"effective keys: mean {s.effective_keys:.1f} of {n}",
+        xlabel="exp(row entropy), keys",
+        ticks=[(f, f"{f * n:.0f}") for f in (0.0, 0.25, 0.5, 0.75, 1.0)],
+        sublabels=[(f, f"{100 * f:.0f}%") for f in (0.0, 0.25, 0.5, 0.75, 1.0)],
+        marks=[(s.effective_keys / max(1, n), _MEAN, f"mean {s.effective_keys:.1f}")],
+    )
+    charts = _side_by_side([time_chart, space_chart, eff_chart])
+    width = charts.width
+    clips = f"{s.clips} clip{'s' if s.clips != 1 else ''}"
+    stride = f", 1 frame = {s.stride} video frames" if s.stride else ""
+    title = _caption(width, [
+        f"{s.name} ({s.instantiation or '?'}, {s.mode}): what the attention learned, over {s.queries:,} queries "
+        f"of {clips}",
+        f"input {T} frames x {s.input_shape[1]}x{W} px{stride}; query grid {s.query_grid}, key grid {s.key_grid}, "
+        f"{n} keys per query",
+    ])
+    within = {"space": "each frame", "time": "each position"}.get(s.mode, "all queries")
+    lines = [
+        f"query dependence (within {within}):"
+        f"  cosine distance {s.cosine_distance:.3f} (GCNet's measure; 0 = every query the same map)   "
+        f"JSD {s.jsd:.3f} of max {math.log(max(1, n)):.2f} nats",
+        f"unary share {s.unary_share:.3f} (part of the rows a key's average attention explains; 1 = query-independent)"
+        f"   entropy {s.entropy:.2f} of max {math.log(max(1, n)):.2f} nats",
+        f"reach bars: attention mass per query in each distance bin (100% in all); effective keys: share of queries. "
+        f"weights: {s.normalisation}",
+    ]
+    return _stack([title, charts, _caption(width, lines, size=14)])
+
+
+def write_stats(stats: Sequence[BlockStats], out_dir: str | Path) -> list[Path]:
+    """<block>_stats.png per block; returns the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in stats:
+        p = out_dir / f"{s.name.replace('.', '_')}_stats.png"
+        stats_figure(s).save(p, compress_level=6)
+        paths.append(p)
+    return paths
+
+
+def stats_table(stats: Sequence[BlockStats]) -> Table:
+    """The headline numbers of `nlvid visualize --stats`, one row per block."""
+    table = Table(title="attention statistics (reach: attention-weighted query -> key distance)", title_justify="left")
+    for col in ("block", "inst.", "clips", "reach t (frames)", "> 1 frame", "reach xy (px)", "> 25% W",
+                "cos dist (GCNet)", "JSD (nats)", "unary", "eff. keys"):
+        table.add_column(col, justify="left" if col in ("block", "inst.") else "right")
+    for s in stats:
+        table.add_row(s.name, s.instantiation or "?", str(s.clips), f"{s.time_reach:.2f}",
+                      f"{100 * s.time_far_share:.0f}%", f"{s.space_reach * s.width_px:.1f}",
+                      f"{100 * s.space_far_share:.0f}%", f"{s.cosine_distance:.3f}", f"{s.jsd:.3f}",
+                      f"{s.unary_share:.3f}", f"{s.effective_keys:.1f} / {s.keys}")
+    return table
