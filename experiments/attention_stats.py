@@ -17,12 +17,9 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
 from PIL import Image
 
-from nlvid.checkpoint import load_checkpoint
-from nlvid.config import model_kwargs
-from nlvid.models import create_model, load_model
+from localisation import finished_runs  # experiments/localisation.py (this script's folder is on sys.path)
 from nlvid.viz.attention import nl_blocks
 from nlvid.viz.render import stats_figure
 from nlvid.viz.stats import BlockStats, folder_stats, list_videos
@@ -54,22 +51,10 @@ def main() -> None:
     if len(datas) != 1:
         sys.exit(f"error: expected one data-* folder in {args.out}, found {len(datas)}")
     files = list_videos(datas[0] / "val", args.num_clips)
-    runs = sorted(p for p in (args.out / "runs").glob("*") if (p / "last.pt").exists())
     rows: dict[tuple[str, str], list[tuple[int, tuple, tuple]]] = {}
-    seen: set[tuple[str, int]] = set()
     pictured = False
-    for run in runs:
-        epoch = load_checkpoint(run / "last.pt")["epoch"]
-        model, _, cfg = load_model(run / "last.pt")
+    for run, model, init, cfg in finished_runs(args.out, key=describe):
         blocks = list(nl_blocks(model))
-        if not blocks or (describe(cfg.model), cfg.train.seed) in seen:
-            continue  # the baseline, or the same network and seed trained under another row's name
-        if epoch < cfg.train.epochs:
-            print(f"{run.name}: skipped, stopped at epoch {epoch} of {cfg.train.epochs}", file=sys.stderr)
-            continue
-        seen.add((describe(cfg.model), cfg.train.seed))
-        torch.manual_seed(cfg.train.seed)  # the engine seeds like this before building the network
-        init = create_model(cfg.model.name, **model_kwargs(cfg.model))
         d = cfg.data
         kw = dict(blocks=blocks, num_frames=d.num_frames, stride=d.stride, short_side=d.test_short_side,
                   mean=d.mean, std=d.std, crop_size=d.test_crop_size)

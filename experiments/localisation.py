@@ -151,6 +151,23 @@ def describe(model_cfg) -> str:
     return f"{inst}, {mode}, {where}"
 
 
+def finished_runs(out: Path, *, key=describe):
+    """The NL runs of a table2 --out folder that finished their epochs, once per (key(model config), seed), each
+    with the same network at its initialisation: yields (run folder, trained model, init model, config)."""
+    seen: set[tuple[str, int]] = set()
+    for run in sorted(p for p in (out / "runs").glob("*") if (p / "last.pt").exists()):
+        epoch = load_checkpoint(run / "last.pt")["epoch"]
+        model, _, cfg = load_model(run / "last.pt")
+        if not list(nl_blocks(model)) or (key(cfg.model), cfg.train.seed) in seen:
+            continue  # the baseline, or the same network and seed trained under another row's name
+        if epoch < cfg.train.epochs:
+            print(f"{run.name}: skipped, stopped at epoch {epoch} of {cfg.train.epochs}", file=sys.stderr)
+            continue
+        seen.add((key(cfg.model), cfg.train.seed))
+        torch.manual_seed(cfg.train.seed)  # the engine seeds like this before building the network
+        yield run, model, create_model(cfg.model.name, **model_kwargs(cfg.model)), cfg
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path, help="the --out folder of experiments/table2.py")
@@ -160,21 +177,9 @@ def main() -> None:
     datas = sorted(args.out.glob("data-*"))
     if len(datas) != 1:
         sys.exit(f"error: expected one data-* folder in {args.out}, found {len(datas)}")
-    runs = sorted(p for p in (args.out / "runs").glob("*") if (p / "last.pt").exists())
     groups: dict[tuple[str, str], list[tuple[int, float, float]]] = {}
-    seen: set[tuple[str, int]] = set()
-    for run in runs:
-        epoch = load_checkpoint(run / "last.pt")["epoch"]
-        model, _, cfg = load_model(run / "last.pt")
+    for run, model, init, cfg in finished_runs(args.out):
         blocks = list(nl_blocks(model))
-        if not blocks or (describe(cfg.model), cfg.train.seed) in seen:
-            continue  # the baseline, or the same network and seed trained under another row's name
-        if epoch < cfg.train.epochs:
-            print(f"{run.name}: skipped, stopped at epoch {epoch} of {cfg.train.epochs}", file=sys.stderr)
-            continue
-        seen.add((describe(cfg.model), cfg.train.seed))
-        torch.manual_seed(cfg.train.seed)  # the engine seeds like this before building the network
-        init = create_model(cfg.model.name, **model_kwargs(cfg.model))
         d = cfg.data
         kw = dict(num_frames=d.num_frames, stride=d.stride, short_side=d.test_short_side, mean=d.mean, std=d.std,
                   topk=args.topk)

@@ -187,14 +187,15 @@ def _caption(width: int, lines: Sequence[str], size: int = 16) -> Image.Image:
     return img
 
 
-def _stack(images: Sequence[Image.Image]) -> Image.Image:
-    w = max(im.width for im in images)
-    h = sum(im.height for im in images)
-    out = Image.new("RGB", (w, h), (24, 24, 24))
-    y = 0
+def _stack(images: Sequence[Image.Image], *, across: bool = False) -> Image.Image:
+    """Images one below the other (or side by side with `across`) on the dark background."""
+    long = sum(im.width if across else im.height for im in images)
+    short = max(im.height if across else im.width for im in images)
+    out = Image.new("RGB", (long, short) if across else (short, long), (24, 24, 24))
+    pos = 0
     for im in images:
-        out.paste(im, (0, y))
-        y += im.height
+        out.paste(im, (pos, 0) if across else (0, pos))
+        pos += im.width if across else im.height
     return out
 
 
@@ -543,17 +544,6 @@ def _bar_chart(width: int, height: int, mass: Sequence[float], lo: float, hi: fl
     return img
 
 
-def _side_by_side(images: Sequence[Image.Image]) -> Image.Image:
-    w = sum(im.width for im in images)
-    h = max(im.height for im in images)
-    out = Image.new("RGB", (w, h), (24, 24, 24))
-    x = 0
-    for im in images:
-        out.paste(im, (x, 0))
-        x += im.width
-    return out
-
-
 def stats_figure(stats: BlockStats) -> Image.Image:
     """One block's statistics: reach in time (frames) and space (pixels, % of the width), the effective number of
     keys (histograms of attention mass per query), and the query-dependence and entropy numbers."""
@@ -590,7 +580,7 @@ def stats_figure(stats: BlockStats) -> Image.Image:
         sublabels=[(f, f"{100 * f:.0f}%") for f in (0.0, 0.25, 0.5, 0.75, 1.0)],
         marks=[(s.effective_keys / max(1, n), _MEAN, f"mean {s.effective_keys:.1f}")],
     )
-    charts = _side_by_side([time_chart, space_chart, eff_chart])
+    charts = _stack([time_chart, space_chart, eff_chart], across=True)
     width = charts.width
     clips = f"{s.clips} clip{'s' if s.clips != 1 else ''}"
     stride = f", 1 frame = {s.stride} video frames" if s.stride else ""
