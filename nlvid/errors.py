@@ -73,3 +73,9 @@ class TrainingError(NlvidError):
     """A training run that has to stop (e.g. a NaN loss); the last good checkpoint is kept."""
 
     exit_code = 1
+
+
+class ExportError(NlvidError):
+    """An export that failed, does not run, or differs from eager; or an exported file nlvid cannot read back."""
+
+    exit_code = 1

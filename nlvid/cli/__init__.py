@@ -17,7 +17,7 @@ import torch
 import typer
 
 from nlvid import __version__
-from nlvid.cli import build, evaluate, models, predict, runs, synth, train, visualize
+from nlvid.cli import build, evaluate, export, models, predict, runs, synth, train, visualize
 from nlvid.cli.common import log_to_stderr, print_error
 from nlvid.errors import NlvidError
 
@@ -43,6 +43,7 @@ app.command("visualize")(visualize.visualize)
 app.command("synth")(synth.synth)
 app.command("models")(models.models)
 app.command("runs")(runs.runs)
+app.command("export")(export.export)
 
 # command -> {config key: the flag of that command that sets it}; main() names the flag after an error keyed so
 KEY_FLAGS: dict[str, dict[str, str]] = {
@@ -51,6 +52,7 @@ KEY_FLAGS: dict[str, dict[str, str]] = {
     "eval": evaluate.KEY_FLAGS,
     "predict": predict.KEY_FLAGS,
     "visualize": visualize.KEY_FLAGS,
+    "export": export.KEY_FLAGS,
 }
 
 
