@@ -212,3 +212,50 @@ def test_read_clips_one_pass(shared_videos):
     assert len(clips) == 2 and clips[0].shape == (4, 240, 320, 3)
     ref = reference_frames(path)
     assert np.array_equal(clips[0][1], ref[2]) and np.array_equal(clips[1][3], ref[len(ref) - 2])
+
+
+# B-frames + GOP 250, MKV, packed-B AVI, rotation; the other clips run with -m slow
+_SKIP_FAST = {"R6llTwEh07w.mp4", "flipping_a_pancake.mkv", "video_90.mov",
+              "hmdb51_Turnk_r_Pippi_Michel_cartwheel_f_cm_np2_le_med_6.avi"}
+
+
+@pytest.mark.parametrize("name", [n if n in _SKIP_FAST else pytest.param(n, marks=pytest.mark.slow) for n in GOOD])
+def test_skipping_never_changes_the_frames(shared_videos, name):
+    """The decoder skips non-reference frames far from the wanted times and those between the frames of a strided
+    clip (superseded by a frame already decoded); the frames returned equal a decode that skips nothing, for
+    strided clips anywhere in every shared clip, with and without the short-side resize."""
+    from nlvid.data.decode import _Video
+
+    path = shared_videos / name
+    info = probe(path)
+    n = info.num_frames
+    rng = np.random.default_rng(len(name))
+    cases = [(max(0, n - 57), 8, 8, None), (n // 3, 16, 4, None), (int(rng.integers(0, n)), 2, 8, 112)]
+    for start, stride, frames, short in cases:
+        times = [min(start + i * stride, n - 1) / info.fps for i in range(frames)]
+        with _Video(path) as v:
+            got = v.decode_times(times, short_side=short)
+        with _Video(path, skip_nonref=False) as v:
+            want = v.decode_times(times, short_side=short)
+        assert np.array_equal(got, want), (name, start, stride, short)
+    starts = []
+    clips = read_clips(path, lambda total: starts.extend([0, total // 2, max(0, total - 57)]) or starts,
+                       num_frames=8, stride=8)  # several clips in one pass
+    for c, s in zip(clips, starts):
+        with _Video(path, skip_nonref=False) as v:
+            want = v.decode_times(clip_indices(s, num_frames=8, stride=8, total=v.frame_count_estimate()) / v.fps)
+        assert np.array_equal(c, want), (name, s)
+
+
+@pytest.mark.parametrize("name", ["asl_eat.mkv", "RATRACE_wave_f_nm_np1_fr_goo_37.avi", "R6llTwEh07w.mp4"])
+def test_times_after_the_last_frame_get_the_last_frame(shared_videos, name):
+    """Regression: the one-frame RGB cache was keyed by id(frame); once that frame was freed, a later frame could
+    reuse its id and be answered with the earlier frame's pixels (times past the end returned frame 32 of 47)."""
+    path = shared_videos / name
+    ref = reference_frames(path)
+    fps = probe(path).fps
+    times = [k * 16 / fps for k in range(len(ref) // 16 + 3)]
+    got = read_frames(path, times)
+    for t, g in zip(times, got):
+        k = min(int(round(t * fps)), len(ref) - 1)
+        assert np.array_equal(g, ref[k]), (name, t)

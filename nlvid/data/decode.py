@@ -12,15 +12,18 @@ therefore keep the decoder's output order and give the k-th output frame the k-t
 small reordering window). Sorting frames by their pts instead would swap every B/P pair in those files: the mean
 absolute difference between consecutive frames rises from 4.3 to 5.9 (RATRACE_wave*.avi).
 
-Only what a clip needs is decoded: we seek to the keyframe at or before the first wanted time and stop as soon
-as the last wanted time is answered. Work is bounded (a frame budget and a wall-clock limit), so a broken file
-raises DecodeError instead of hanging.
+Only what a clip needs is decoded: we seek to the keyframe at or before the first wanted time, let the decoder
+skip the non-reference frames no wanted time can get (`_NonrefSkipper`), and stop as soon as the last wanted time
+is answered. What is left is the chain of reference frames from the keyframe: on a 10 s Kinetics clip with one
+keyframe per 250 frames, over 90% of a full-resolution clip's CPU time (benchmarks/bench_decode.py). Work is
+bounded (a frame budget and a wall-clock limit), so a broken file raises DecodeError instead of hanging.
 
 Rotation side data (display matrix, e.g. phone videos) is honoured: frames come back as they should be displayed.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import threading
@@ -144,13 +147,18 @@ class _Video:
     def _read_metadata(self) -> None:
         s = self.stream
         self.tb = s.time_base or Fraction(1, 1000)
+        # `_seconds` runs per packet and frame: int arithmetic and one true division give the same float as
+        # float(Fraction) (both are the correctly rounded quotient) at a tenth of the cost
+        self._tb_num, self._tb_den = self.tb.numerator, self.tb.denominator
         rate = s.average_rate or s.guessed_rate or s.base_rate
         self.fps = float(rate) if rate else 0.0
         if not (0.1 <= self.fps <= 1000):
             self.fps = 0.0
-        # Origin: smallest pts among the first packets (demux only).
+        # Origin: smallest pts among the first packets (demux only). The packets are kept for `probe`.
         first = []
+        self.head_packets = []
         for packet in self.container.demux(s):
+            self.head_packets.append(packet)
             if packet.pts is not None:
                 first.append(packet.pts)
             elif packet.dts is not None:
@@ -273,7 +281,7 @@ class _Video:
 
     def _seconds(self, stamp: int) -> float:
         """A frame or packet timestamp (stream time base) in seconds from the first frame."""
-        return float((stamp - self.time_origin) * self.tb)
+        return (stamp - self.time_origin) * self._tb_num / self._tb_den
 
     def decode_times(
         self,
@@ -323,7 +331,8 @@ class _Video:
         limits = _Limits(budget=budget, deadline=time.monotonic() + self.timeout, t_max=t_max, timeout=self.timeout)
         window = _ReorderWindow(self._stamp, self._seconds, overshoot_after=t_min + tol if seek else math.inf)
         skipper = _NonrefSkipper(self.stream.codec_context, enabled=self.skip_nonref and not self.use_dts,
-                                 margin=_SKIP_MARGIN_FRAMES * frame_dur, seconds=self._seconds)
+                                 margin=_SKIP_MARGIN_FRAMES * frame_dur, seconds=self._seconds, tol=tol,
+                                 wanted=answers._sorted)
         try:
             state, error = self._decode_packets(window, answers, limits, skipper)
             if state is None and error is None:
@@ -409,11 +418,12 @@ class _Answers:
     def __init__(self, wanted: np.ndarray, order: np.ndarray, tol: float, short_side: int | None):
         self.wanted, self.order, self.tol, self.short_side = wanted, order, tol, short_side
         self.n = len(wanted)
+        self._sorted: list[float] = wanted[order].tolist()  # the same doubles as Python floats (per-frame checks)
         self.out: list = [None] * self.n  # RGB frame per wanted index
         self.answered = [False] * self.n
         self.next_w = 0  # position in `order` of the next wanted time to answer
         self.current = None  # (time, av frame) of the last frame passed to `advance`
-        self._rgb_cache: dict[int, np.ndarray] = {}
+        self._rgb_last: tuple | None = None  # (av frame, its RGB array)
 
     @property
     def done(self) -> bool:
@@ -421,19 +431,19 @@ class _Answers:
 
     def next_time(self):
         """The earliest wanted time not answered yet, or None when all are."""
-        return self.wanted[self.order[self.next_w]] if self.next_w < self.n else None
+        return self._sorted[self.next_w] if self.next_w < self.n else None
 
     def advance(self, t: float, frame) -> bool:
         """`frame` is shown from time t: answer every wanted time before t with the previous frame. True when
         every time is answered."""
-        while self.next_w < self.n and self.wanted[self.order[self.next_w]] + self.tol < t:
+        while self.next_w < self.n and self._sorted[self.next_w] + self.tol < t:
             self._answer_next(self.current[1] if self.current is not None else frame)
         self.current = (t, frame)
         return self.next_w >= self.n
 
     def answer_before(self, end: float) -> None:
         """Answer the wanted times before `end` with the current frame."""
-        while self.next_w < self.n and self.wanted[self.order[self.next_w]] < end:
+        while self.next_w < self.n and self._sorted[self.next_w] < end:
             self._answer_next(self.current[1])
 
     def result(self, error: str | None):
@@ -447,12 +457,13 @@ class _Answers:
         self.next_w += 1
 
     def _rgb(self, frame) -> np.ndarray:
-        key = id(frame)
-        arr = self._rgb_cache.get(key)
-        if arr is None:
-            arr = _frame_to_rgb(frame, self.short_side)
-            self._rgb_cache.clear()  # frames are answered in order: only the latest can repeat
-            self._rgb_cache[key] = arr
+        # Frames are answered in order: only the latest can repeat. The cache holds the frame itself and compares
+        # identity: keyed by id(frame) alone, a freed frame's id reused by a later frame returned the earlier
+        # frame's pixels.
+        if self._rgb_last is not None and self._rgb_last[0] is frame:
+            return self._rgb_last[1]
+        arr = _frame_to_rgb(frame, self.short_side)
+        self._rgb_last = (frame, arr)
         return arr
 
 
@@ -498,24 +509,43 @@ class _ReorderWindow:
 
 
 class _NonrefSkipper:
-    """Far from the next wanted time (more than `margin` seconds before it), the decoder skips non-reference
-    frames: nothing is predicted from them, so the frames kept decode bit-identically. Near wanted times every
-    frame is decoded. Packets are placed in time by dts (else pts) through seconds(stamp)."""
+    """Which packets the decoder may skip when they hold non-reference frames (nothing is predicted from those, so
+    the frames kept decode bit-identically). Two rules, checked per packet before it is decoded:
 
-    def __init__(self, codec_context, *, enabled: bool, margin: float, seconds):
-        self.cc, self.enabled, self.margin, self._seconds = codec_context, enabled, margin, seconds
+    far: the packet lies more than `margin` seconds before the next wanted time (placed by dts, else pts);
+    superseded: with w the first wanted time the packet's frame could answer (the first w >= its pts time - `tol`;
+        `wanted`: the sorted times), a frame already sent to the decoder in full mode lies after this one and no
+        later than w + tol. Times before w lie before this frame; w and every later time are answered by that
+        frame or a later one. So this frame answers nothing, whatever the frame rate does. This skips the
+        B-frames between the frames of a strided clip, which the margin keeps.
+    Everything else is decoded. seconds(stamp) places a pts or dts in time."""
+
+    def __init__(self, codec_context, *, enabled: bool, margin: float, seconds, tol: float = 0.0,
+                 wanted: Sequence[float] = ()):
+        self.cc, self.enabled, self.margin, self._seconds, self.tol = codec_context, enabled, margin, seconds, tol
+        self.wanted = list(wanted)
         self.skipping = False
+        self._shown: deque = deque(maxlen=16)  # times (pts) of the packets decoded in full mode lately
         codec_context.skip_frame = "DEFAULT"
 
     def update(self, packet, next_time) -> None:
         """Set the decoder's mode for `packet`; next_time: the next wanted time, None when all are answered."""
         if not self.enabled:
             return
-        ps = packet.dts if packet.dts is not None else packet.pts
+        pts = packet.pts
+        ps = packet.dts if packet.dts is not None else pts
         far = ps is not None and next_time is not None and next_time - self._seconds(ps) > self.margin
+        t = self._seconds(pts) if pts is not None else None
+        if not far and t is not None and next_time is not None:
+            k = bisect.bisect_left(self.wanted, t - self.tol)
+            if k < len(self.wanted):
+                limit = self.wanted[k] + self.tol
+                far = any(t < q <= limit for q in self._shown)
         if far != self.skipping:
             self.cc.skip_frame = "NONREF" if far else "DEFAULT"
             self.skipping = far
+        if not far and t is not None:
+            self._shown.append(t)
 
     def reset(self) -> None:
         """Decode every frame again."""
@@ -602,9 +632,11 @@ def probe(path: str | Path) -> VideoInfo:
     with _Video(path) as v:
         frame = None
         try:
-            v._seek_start()
-            for frame in v.container.decode(v.stream):
-                break
+            frame = _first_keyframe(v)
+            if frame is None:
+                v._seek_start()
+                for frame in v.container.decode(v.stream):
+                    break
         except av.FFmpegError as e:
             raise DecodeError(v.path, f"first frame does not decode ({_ffmpeg_msg(e)})") from None
         if frame is None:
@@ -619,6 +651,25 @@ def probe(path: str | Path) -> VideoInfo:
             height=int(h),
             rotation=rot,
         )
+
+
+def _first_keyframe(v: _Video):
+    """The first frame of a video whose decoder is still unopened, decoded from the packets `_Video` demuxed at
+    open (no seek): the leading keyframe alone, then a flush, on one thread. A probe needs any one frame (its
+    rotation side data, its size, proof that the stream decodes); decoding only the keyframe skips the frames a
+    B-frame decoder would otherwise take in before it lets the first one out, and one thread skips starting a
+    thread pool: a probe of a 10 s 340x256 H.264 clip costs 3.0 instead of 3.9 ms of CPU (22% less over the shared
+    clips; the rest is mostly av.open, whose stream analysis decodes a frame of its own). None when this does not
+    give a frame (the caller then decodes from the start the usual way)."""
+    cc = v.stream.codec_context
+    if cc.is_open or not v.head_packets or not v.head_packets[0].is_keyframe:
+        return None
+    cc.thread_count = 1
+    frames = cc.decode(v.head_packets[0]) or cc.decode(None)
+    if not frames:
+        cc.flush_buffers()
+        return None
+    return frames[0]
 
 
 def read_frames(
