@@ -8,6 +8,7 @@ from nlvid.data.dataset import (
     scan_dataset,
 )
 from nlvid.data.decode import VideoInfo, probe, read_clip, read_frames
+from nlvid.data.stream import VideoSource, WindowScheduler, parse_source
 from nlvid.data.synthetic import write_synthetic
 from nlvid.data.transforms import test_views
 
@@ -15,7 +16,10 @@ __all__ = [
     "DatasetIndex",
     "VideoDataset",
     "VideoInfo",
+    "VideoSource",
+    "WindowScheduler",
     "make_loader",
+    "parse_source",
     "probe",
     "read_clip",
     "read_frames",
