@@ -66,13 +66,17 @@ def main() -> None:
 
     import nlvid.models.resnet3d as r3d
 
+    def _plain_join(y, residual, relu):
+        y = y if residual is None else y + residual
+        return torch.relu(y) if relu else y
+
     def plain(m: torch.nn.Module):
         """Ablation: the same nlvid model with the plain Conv3d / BatchNorm3d forwards (no folded frames, no BN
         folding) on a contiguous clip."""
         def run(inp):
             fc, fb, cb = r3d.FrameConv3d.forward, r3d.FrameBatchNorm3d.forward, r3d.conv_bn
             r3d.FrameConv3d.forward, r3d.FrameBatchNorm3d.forward = nn.Conv3d.forward, nn.BatchNorm3d.forward
-            r3d.conv_bn = lambda conv, bn, x: bn(conv(x))
+            r3d.conv_bn = lambda conv, bn, x, residual=None, relu=False: _plain_join(bn(conv(x)), residual, relu)
             try:
                 return m(inp)
             finally:

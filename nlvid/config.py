@@ -72,6 +72,10 @@ Optimizer = _choice("Optimizer", "sgd", "adamw")
 Schedule = _choice("Schedule", "cosine", "step")
 # Autocast dtype for training and evaluation; fp16 only on CUDA (with a grad scaler).
 Amp = _choice("Amp", "none", "bf16", "fp16")
+# The model's BatchNorms: batch statistics in training, or frozen ("affine") BN with fixed statistics.
+BNMode = _choice("BNMode", "bn", "frozen")
+# Activation checkpointing in training: nothing, each NL block, or the stem / every residual block (+ its NL block).
+Checkpointing = _choice("Checkpointing", "off", "nonlocal", "stages")
 
 
 @dataclass
@@ -91,6 +95,7 @@ class ModelConfig:
     stem_pool_padding: int | None = None  # pool1 spatial padding: 1 (PySlowFast, 56x56) or 0 (Caffe2, 55x55)
     nonlocal_group: dict[str, int] | None = None  # NL blocks attend within G groups of frames: {res3: 4} (PySlowFast)
     dropout: float = 0.5
+    bn: str | None = None  # "bn" (batch statistics in training; None = this) or "frozen" (fixed statistics)
 
 
 @dataclass
@@ -141,6 +146,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     tensorboard: bool = False  # also write TensorBoard event files (run folder/tensorboard/; the `tensorboard` extra)
+    checkpoint: str = "off"  # activation checkpointing: off | nonlocal | stages (less memory, ~1 extra forward)
 
 
 @dataclass
@@ -168,6 +174,8 @@ CHOICES: dict[str, type[Choice]] = {
     "optim.optimizer": Optimizer,
     "optim.schedule": Schedule,
     "train.amp": Amp,
+    "model.bn": BNMode,
+    "train.checkpoint": Checkpointing,
 }
 
 
@@ -237,6 +245,13 @@ def _merge(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
         if dataclasses.is_dataclass(current):
             _merge(current, value, f"{full}.")
         else:
+            choice = CHOICES.get(full)
+            if choice is not None and isinstance(value, bool):
+                # YAML 1.1 reads a bare `off` as false: that is the choice "off"; any other bool is not a choice
+                if value is False and "off" in choice.values():
+                    value = "off"
+                else:
+                    choice.check(f"config key '{full}'", value)  # raises, listing the allowed values
             setattr(obj, key, _coerce(full, value, hints[key]))
 
 

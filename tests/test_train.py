@@ -279,3 +279,23 @@ def test_reporters_render_progress_and_tables():
         text = buf.getvalue()
         assert "resuming r from epoch 1, batch 2" in text and "TRAIN accuracy" in text
         assert "75.0%" in text
+
+
+def test_reporters_show_a_first_scan_and_stay_quiet_for_a_cached_one():
+    import io
+
+    from rich.console import Console
+
+    from nlvid.cli.train import LineReporter, RichReporter
+
+    for cls, tty in ((LineReporter, False), (RichReporter, True)):
+        buf = io.StringIO()
+        rep = cls(Console(file=buf, force_terminal=tty, width=100))
+        rep("scan_progress", split="val", done=40, total=40)  # all cached: nothing to show
+        assert "scanning" not in buf.getvalue()
+        for done in range(0, 101):
+            rep("scan_progress", split="train", done=done, total=100)
+        text = buf.getvalue()
+        assert "scanning train" in text and "scanning val" not in text
+        if cls is LineReporter:  # a line per tenth: 0, 10, ..., 100 files
+            assert text.count("scanning train:") == 11 and "100/100 files probed" in text

@@ -47,6 +47,7 @@ class LineReporter:
         self.curves = curves
         self.run_dir: Path | None = None
         self.title = ""
+        self._scan_shown: dict[str, int] = {}  # split -> the last tenth of the scan reported
 
     def print(self, text: str) -> None:
         self.console.print(text, highlight=False, markup=False, soft_wrap=True)
@@ -57,6 +58,16 @@ class LineReporter:
 
     def on_message(self, text: str) -> None:
         self.print(text)
+
+    def on_scan_progress(self, split: str, done: int, total: int) -> None:
+        """Files probed so far (a first scan of a large folder takes minutes): a line per 10% of the files.
+        A scan answered by the cache calls this once with done == total and prints nothing."""
+        if done == total and self._scan_shown.get(split) is None:
+            return
+        tenth = done * 10 // total
+        if tenth > self._scan_shown.get(split, -1):
+            self._scan_shown[split] = tenth
+            self.print(f"scanning {split}: {done}/{total} files probed")
 
     def on_scan(self, split: str, index: Any) -> None:
         self.console.print(format_scan_table(index))
@@ -152,10 +163,24 @@ class RichReporter(LineReporter):
             TextColumn("{task.fields[info]}"), console=self.console, transient=False,
         )
         self.epoch_task = self.step_task = None
+        self._scan_tasks: dict[str, Any] = {}
 
     def print(self, text: str) -> None:
         (self.progress.console if self.progress.live.is_started else self.console).print(
             text, highlight=False, markup=False, soft_wrap=True)
+
+    def on_scan_progress(self, split: str, done: int, total: int) -> None:
+        """A bar while files are probed; none for a scan answered by the cache (done == total at once)."""
+        task = self._scan_tasks.get(split)
+        if task is None:
+            if done == total:
+                return
+            self.progress.start()
+            task = self._scan_tasks[split] = self.progress.add_task(f"scanning {split}", total=total, info="files")
+        self.progress.update(task, completed=done)
+        if done == total:
+            self.progress.remove_task(task)
+            self.progress.stop()
 
     def on_start(self, **d: Any) -> None:
         super().on_start(**d)
@@ -210,6 +235,9 @@ def train(
     Multi-GPU / multi-node: torchrun --nproc_per_node 8 -m nlvid train DATA --config c2d_r50_nl5 --out runs/x
 
     Fine-tuning published weights: nlvid train DATA --pretrained pysf_i3d_r50_nl_8x8 --out runs/ft
+
+    Long clips in less memory: --set train.checkpoint=stages (recompute activations in backward), and for small
+    batches --set model.bn=frozen (fixed BN statistics), e.g. --config i3d_r50_128x1_frozen_bn
     """
     resuming = resume or (out is not None and (out / "last.pt").exists())
     if resume and out is None:

@@ -51,7 +51,7 @@ from nlvid.models import build_with_init, create_model, load_state_dict_checked
 
 # Keys a resumed run may change (the rest comes from the run's stored config).
 RESUME_MUTABLE = ("train.epochs", "train.log_every", "train.save_every", "train.device", "train.eval_every",
-                  "data.num_workers")
+                  "data.num_workers", "train.checkpoint")  # checkpointing changes memory and time, not results
 
 
 # ------------------------------------------------------------------------------------------ run objects
@@ -200,7 +200,7 @@ def _train_locked(cfg: Config | None, *, data: str | Path, val: str | Path | lis
         progress = _noop
     stored_classes = None if ckpt is None else ckpt["classes"]
     classes, train_ds, val_ds = _build_datasets(cfg, data, val, stored_classes=stored_classes, progress=progress,
-                                                main=info.is_main)
+                                                info=info)
     model, init_lines = _build_model(cfg, classes, ckpt=ckpt, init=init, device=device, info=info, paths=paths)
     sampler = _EpochShard(len(train_ds), seed=tc.seed, batch_size=tc.batch_size, world_size=info.world_size,
                           rank=info.rank)
@@ -306,6 +306,15 @@ def _setup_processes(tc: TrainConfig) -> tuple[torch.device, distr.DistInfo]:
         raise ConfigError("train.sync_bn needs CUDA (torch's SyncBatchNorm has no CPU kernel); set train.sync_bn=false")
     if tc.accum_steps < 1 or tc.batch_size < 1:
         raise ConfigError("train.batch_size and train.accum_steps must be >= 1")
+    if tc.compile and tc.checkpoint != "off":
+        raise ConfigError(f"train.checkpoint={tc.checkpoint} does not work with train.compile (torch.compile's "
+                          "recomputation would update BN statistics twice); set one of them off",
+                          key="train.checkpoint")
+    if device.type == "cpu":
+        # Flush denormal floats to zero (FTZ/DAZ): a loss driven towards 0 can fill backward with denormals, which
+        # x86 CPUs compute many times slower (issue #17). It reaches this thread and the threads started after it,
+        # so in `nlvid train` it is set before the first parallel torch op creates the OpenMP workers.
+        torch.set_flush_denormal(True)
     info = distr.init_distributed(device)
     if device.type == "cpu" and info.enabled:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
@@ -315,19 +324,19 @@ def _setup_processes(tc: TrainConfig) -> tuple[torch.device, distr.DistInfo]:
 
 
 def _build_datasets(cfg: Config, data: str | Path, val: Any, *, stored_classes: list[str] | None,
-                    progress: Progress, main: bool) -> tuple[list[str], VideoDataset, VideoDataset | None]:
+                    progress: Progress, info: distr.DistInfo) -> tuple[list[str], VideoDataset, VideoDataset | None]:
     """Scan the splits and build (classes, training dataset, validation dataset or None). A resumed run keeps
     its `stored_classes`; a fresh one takes the classes found and sets model.num_classes to their count."""
     dc, seed = cfg.data, cfg.train.seed
     train_src, val_src = resolve_splits(data, val)
     tindex = _scan(train_src, classes=None if stored_classes is None else list(stored_classes),
-                   on_error=dc.on_error, progress=progress, split="train", main=main)
+                   on_error=dc.on_error, progress=progress, split="train", info=info)
     classes = list(tindex.classes)
     if not tindex.items:
         raise DatasetError(f"{train_src}: no readable training videos")
     vindex = None
     if val_src is not None:
-        vindex = _scan(val_src, classes=classes, on_error=dc.on_error, progress=progress, split="val", main=main)
+        vindex = _scan(val_src, classes=classes, on_error=dc.on_error, progress=progress, split="val", info=info)
         if not vindex.items:
             progress("message", text=f"{val_src}: no readable validation videos; choosing best.pt by train accuracy")
             vindex = None
@@ -344,7 +353,9 @@ def _build_model(cfg: Config, classes: list[str], *, ckpt: dict[str, Any] | None
                  device: torch.device, info: distr.DistInfo, paths: RunPaths) -> tuple[nn.Module, list[str]]:
     """Seed the global RNGs from train.seed, then build the model: the checkpoint's weights on resume, `init`'s
     on a fresh run that has one (cfg.model becomes the initialised model's), else a fresh initialisation.
-    Returns the model on `device` (with SyncBatchNorm under DDP when train.sync_bn) and `init`'s report lines."""
+    Returns the model on `device` (with SyncBatchNorm under DDP when train.sync_bn: a model.bn=frozen model has no
+    batch statistics to synchronise and is left as it is), activation checkpointing set from train.checkpoint, and
+    `init`'s report lines."""
     seed = cfg.train.seed
     torch.manual_seed(seed)
     random.seed(seed)
@@ -367,6 +378,7 @@ def _build_model(cfg: Config, classes: list[str], *, ckpt: dict[str, Any] | None
     model.to(device)
     if cfg.train.sync_bn and info.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.set_checkpointing(cfg.train.checkpoint)
     return model, init_lines
 
 
@@ -587,6 +599,9 @@ def _precise_bn(model: nn.Module, train_ds: VideoDataset, run: RunContext, *, ep
     """Recompute BN statistics over train.precise_bn_batches training batches (an order of their own, seeded
     with train.seed + 7 and the epoch) and average them over processes."""
     tc, info = run.cfg.train, run.info
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        run.progress("message", text="precise BN: nothing to recompute (model.bn=frozen: fixed statistics)")
+        return
     order = epoch_order(len(train_ds), seed=tc.seed + 7, epoch=epoch, world_size=info.world_size)
     batches = distr.shard_batches(order, batch_size=tc.batch_size, world_size=info.world_size,
                                   rank=info.rank)[: tc.precise_bn_batches]
@@ -687,10 +702,20 @@ def _cfg_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[st
     return out
 
 
-def _scan(source: Any, *, classes: list[str] | None, on_error: str, progress: Progress, split: str, main: bool):
-    index = scan_dataset(source, classes=classes, on_error=on_error)
-    if main:
+def _scan(source: Any, *, classes: list[str] | None, on_error: str, progress: Progress, split: str,
+          info: distr.DistInfo):
+    """Index one split. Under DDP rank 0 scans first (probing each new file once and filling the scan cache) and
+    the other ranks scan after a barrier, reading the cache instead of probing every file N times at once."""
+    def files(done: int, total: int) -> None:
+        progress("scan_progress", split=split, done=done, total=total)
+
+    index = None
+    if info.is_main:
+        index = scan_dataset(source, classes=classes, on_error=on_error, progress=files)
         progress("scan", split=split, index=index)
+    distr.barrier(info)
+    if index is None:
+        index = scan_dataset(source, classes=classes, on_error=on_error)
     return index
 
 

@@ -424,8 +424,10 @@ def _bn_prefixes(sd: dict[str, torch.Tensor]) -> list[str]:
     return out
 
 
-def _fill_bn(sd: dict[str, torch.Tensor], report: list[str], *, frozen_ok: bool, path: Path) -> None:
-    """Add missing BN buffers: running stats of frozen (affine) layers, num_batches_tracked everywhere."""
+def _fill_bn(sd: dict[str, torch.Tensor], report: list[str], *, frozen_ok: bool, path: Path) -> bool:
+    """Add missing BN buffers: running stats of frozen (affine) layers, num_batches_tracked everywhere. Returns
+    whether the file is a frozen-BN one (then the model is built with model.bn=frozen, so fine-tuning keeps those
+    statistics fixed, as the source was trained)."""
     frozen = []
     for p in _bn_prefixes(sd):
         w = sd.get(p + ".weight")
@@ -447,6 +449,7 @@ def _fill_bn(sd: dict[str, torch.Tensor], report: list[str], *, frozen_ok: bool,
     if frozen:
         report.append(f"frozen-BN (affine) file: {len(frozen)} layers loaded as BatchNorm with running mean 0 and "
                       f"variance 1-eps (so sqrt(var+eps) = 1 and the layer is exactly y = s*x + b)")
+    return bool(frozen)
 
 
 def _placement(sd: dict[str, torch.Tensor]) -> dict[str, list[int]]:
@@ -652,13 +655,17 @@ def import_pyslowfast(path: str | Path, model_cfg: ModelConfig) -> ImportResult:
         sd, skipped, _ = _translate(state, PYSLOWFAST_RULES, None, path, "PySlowFast")
         report.append(_loaded_line("pyslowfast", path, len(sd), skipped))
         frozen_ok = False
-    _fill_bn(sd, report, frozen_ok=frozen_ok, path=path)
+    frozen = _fill_bn(sd, report, frozen_ok=frozen_ok, path=path)
     # PySlowFast's ResNets are the 8x8 geometry; its *_nopool architectures skip the temporal pool after res2
     nopool = "nopool" in path.name.lower() or model_cfg.layout == "8x8_nopool"
     layout = "8x8_nopool" if nopool else "8x8"
     if nopool:
         report.append("layout 8x8_nopool (PySlowFast c2d_nopool: no temporal pool after res2)")
     options = dict(_NL_CONVENTION, pool_position="input", stem_pool_padding=1, layout=layout)
+    if frozen:
+        options["bn"] = "frozen"
+        if model_cfg.bn is None:
+            report.append("model.bn: frozen (fine-tuning keeps the file's BN statistics fixed, as it was trained)")
     res = _finish(sd, model_cfg, report, path, options=options,
                   forced=("pool_position", "stem_pool_padding", "layout"))
     res.data = source_data_settings("pyslowfast", path.name)
@@ -673,7 +680,8 @@ def import_caffe2(path: str | Path, model_cfg: ModelConfig) -> ImportResult:
 
     Options set: pool_position="input", scale on, stem_pool_padding=0 (pool1 without padding, 55x55 at 224);
     layout from the file name (32x2 / 128x1 -> "32x2"; 8x8 / 32x4 -> "8x8"; otherwise the preset's);
-    NL norm "none" for the frozen-BN files (no NL BN); frozen BN layers loaded exactly (see `_fill_bn`).
+    NL norm "none" for the frozen-BN files (no NL BN); frozen BN layers loaded exactly (see `_fill_bn`), and
+    model.bn=frozen (unless model.bn is given) so that fine-tuning keeps their statistics fixed.
     """
     path = Path(path)
     _check_softmax_family(model_cfg, "Caffe2")
@@ -681,10 +689,12 @@ def import_caffe2(path: str | Path, model_cfg: ModelConfig) -> ImportResult:
     blobs = read_caffe2_pickle(path)
     sd, skipped, _ = _translate(blobs, CAFFE2_RULES, CAFFE2_SKIP, path, "Caffe2")
     report.append(_loaded_line("caffe2", path, len(sd), skipped, "*_momentum, lr, model_iter"))
-    frozen_before = len(report)
-    _fill_bn(sd, report, frozen_ok=True, path=path)
-    frozen = len(report) > frozen_before
+    frozen = _fill_bn(sd, report, frozen_ok=True, path=path)
     options: dict[str, Any] = dict(_NL_CONVENTION, pool_position="input", stem_pool_padding=0)
+    if frozen:
+        options["bn"] = "frozen"
+        if model_cfg.bn is None:
+            report.append("model.bn: frozen (fine-tuning keeps the file's BN statistics fixed, as it was trained)")
     forced = ["pool_position", "stem_pool_padding"]
     for pattern, layout in _CAFFE2_LAYOUTS:
         if pattern.search(path.name):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nlvid.config import Choice, Instantiation, Mode, Norm, PoolPosition
+from nlvid.config import BNMode, Checkpointing, Choice, Instantiation, Mode, Norm, PoolPosition
 from nlvid.errors import ConfigError
 from nlvid.models.resnet3d import LAYOUTS, ResNet3d
 
@@ -88,11 +88,16 @@ def create_model(name: str, *, num_classes: int = 400, layout: str | None = None
                  scale: bool | None = None, pool_size: tuple[int, int, int] | None = None,
                  pool_position: str | None = None, mode: str | None = None, norm: str | None = None,
                  stem_pool_padding: int | None = None, dropout: float = 0.5,
-                 nonlocal_group: dict[str, int] | None = None) -> ResNet3d:
-    """Build a preset; every keyword that is not None overrides it (these are `nlvid.config.ModelConfig`'s fields).
+                 nonlocal_group: dict[str, int] | None = None, bn: str | None = None,
+                 checkpoint: str = "off") -> ResNet3d:
+    """Build a preset; every keyword that is not None overrides it (these are `nlvid.config.ModelConfig`'s fields,
+    plus `checkpoint`, the training-time activation checkpointing of `ResNet3d.set_checkpointing`, which
+    `nlvid.engine.train` sets from train.checkpoint).
 
     `nonlocal_blocks={}` gives the preset's baseline (no NL blocks). Unknown names/values raise ConfigError.
     """
+    bn = BNMode.check("model.bn", "bn" if bn is None else bn)
+    checkpoint = Checkpointing.check("train.checkpoint", checkpoint)
     if name not in PRESETS:
         raise ConfigError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     args = dict(PRESETS[name])
@@ -115,4 +120,5 @@ def create_model(name: str, *, num_classes: int = 400, layout: str | None = None
                            pool_position=pool_position, mode=mode, norm=norm).items():
         if value is not None:
             nl_kwargs[key] = _check_nl_option(key, value)
-    return ResNet3d(**args, nonlocal_kwargs=nl_kwargs, num_classes=num_classes, dropout=dropout)
+    return ResNet3d(**args, nonlocal_kwargs=nl_kwargs, num_classes=num_classes, dropout=dropout, bn=bn,
+                    checkpoint=checkpoint)

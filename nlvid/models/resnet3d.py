@@ -30,11 +30,14 @@ copy; pooling, BN and the temporal (I3D) convs also run fastest in that layout o
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from contextlib import nullcontext
+from functools import partial
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from nlvid.errors import ConfigError
 from nlvid.models.nonlocal_block import NonLocalBlock
@@ -111,7 +114,17 @@ class FrameConv3d(nn.Conv3d):
     """A Conv3d that runs a 1xkxk kernel as conv2d over (B*T) frames; same parameters/state dict as nn.Conv3d.
 
     Outputs equal `F.conv3d` (tested). Temporal kernels > 1 take the ordinary conv3d path.
+
+    The weight is stored channels_last_3d, the layout the channels-last kernels want it in (for a 1x1x1 kernel both
+    layouts are the same memory). A contiguous weight would be copied to that layout in every forward and backward,
+    its gradient converted back and copied again by AccumulateGrad: ~4 passes over the weights per training step.
+    Shapes, values and state-dict keys are those of nn.Conv3d; `load_state_dict` copies into this layout.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        with torch.no_grad():
+            self.weight = nn.Parameter(self.weight.contiguous(memory_format=torch.channels_last_3d))
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -134,13 +147,30 @@ class FrameConv3d(nn.Conv3d):
         return y.reshape(B, T, *y.shape[1:]).transpose(1, 2)
 
 
-def conv_bn(conv: FrameConv3d, bn: nn.BatchNorm3d, x: torch.Tensor) -> torch.Tensor:
-    """bn(conv(x)). Without autograd and with BN in eval mode, the BN is folded into the conv's weights instead:
-    the same function up to fp32 rounding, one pass over the activations fewer (BN was ~16% of a C2D R50
-    inference on CPU). The folded weights are cached on the conv until a tensor they derive from changes (version
-    counters and storage), so training, `load_state_dict` and `.to()` are always seen."""
+def conv_bn(conv: FrameConv3d, bn: nn.BatchNorm3d, x: torch.Tensor, *, residual: torch.Tensor | None = None,
+            relu: bool = False) -> torch.Tensor:
+    """bn(conv(x)), then `+ residual` and a ReLU when asked (a block's residual join and activation).
+
+    Inference (no autograd, BN in eval mode): the BN is folded into the conv's weights instead: the same function up
+    to fp32 rounding, one pass over the activations fewer (BN was ~16% of a C2D R50 inference on CPU). The folded
+    weights are cached on the conv until a tensor they derive from changes (version counters and storage), so
+    training, `load_state_dict` and `.to()` are always seen.
+
+    Otherwise BN runs on the folded (B*T, C, H, W) channels-last view of the conv output, and the add and the ReLU
+    run in place on BN's 4-D result (a tensor of its own) before it is viewed as (B, C, T, H, W) again. An in-place
+    op on the 5-D *view* would be recorded by autograd as CopySlices + AsStrided, whose backward clones the gradient,
+    zero-fills and copies whole activations and hands the next backward a gradient in a foreign layout: about a
+    third of an I3D-R50-NL5 training step on CPU before this was done (benchmarks/bench_model.py)."""
     if bn.training or torch.is_grad_enabled() or bn.running_mean is None or bn.weight is None:
-        return bn(conv(x))
+        y = conv(x)
+        if y.dim() != 5 or not y.is_contiguous(memory_format=torch.channels_last_3d):
+            return _join(bn(y), residual, relu)
+        B, C, T, H, W = y.shape
+        z = bn(y.transpose(1, 2).reshape(B * T, C, H, W))  # (B, C, T, H, W) -> (B*T, C, H, W) channels_last view
+        if residual is not None:
+            residual = residual.transpose(1, 2).reshape(B * T, C, H, W)  # the same fold (a view when channels-last)
+        # (B*T, C, H, W) -> (B, T, C, H, W) -> (B, C, T, H, W): a channels_last_3d view
+        return _join(z, residual, relu).reshape(B, T, C, H, W).transpose(1, 2)
     srcs = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
     key = tuple((t._version, t.data_ptr(), t.dtype) if t is not None else None for t in srcs) + (bn.eps,)
     cached = conv.__dict__.get("_bn_folded")
@@ -151,7 +181,23 @@ def conv_bn(conv: FrameConv3d, bn: nn.BatchNorm3d, x: torch.Tensor) -> torch.Ten
         if conv.bias is not None:
             bias = bias + conv.bias * scale
         cached = conv.__dict__["_bn_folded"] = (key, weight, bias)
-    return conv(x, cached[1], cached[2])
+    return _join(conv(x, cached[1], cached[2]), residual, relu)
+
+
+def _inplace_ok(y: torch.Tensor) -> bool:
+    """Whether an in-place op on y is free: not when autograd would record it on a view (CopySlices, see
+    `conv_bn`). Without grad nothing is recorded and in place is the cheaper choice."""
+    return not (y.requires_grad and y._is_view())
+
+
+def _join(z: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """relu(z + residual), in place on z where that is free (`_inplace_ok`). z is a BN output: BN's backward needs
+    its input, not its output, and neither the add's backward nor ReLU's (which keeps its result) needs z."""
+    if residual is not None:
+        z = z.add_(residual) if _inplace_ok(z) else z + residual
+    if relu:
+        z = z.relu_() if _inplace_ok(z) else torch.relu(z)
+    return z
 
 
 def _conv(dim_in: int, dim_out: int, kernel: tuple[int, int, int],
@@ -184,11 +230,109 @@ def _bn(dim: int) -> nn.BatchNorm3d:
     return FrameBatchNorm3d(dim, eps=1e-5, momentum=0.1)
 
 
+# model.bn: "bn" = BatchNorm with batch statistics in training; "frozen" = FrozenBatchNorm3d everywhere
+BN_MODES = ("bn", "frozen")
+
+
+class FrozenBatchNorm3d(nn.Module):
+    """BatchNorm with fixed statistics, the "affine" BN of the official frozen-BN 32x4 / 128x1 models (Caffe2
+    AffineNd) and of PySlowFast's BN.FREEZE: y = weight * (x - running_mean) / sqrt(running_var + eps) + bias in
+    train and eval mode alike: one per-channel scale and shift (eval-mode batch_norm; no statistics computed).
+
+    - The statistics are never updated. The module is not a torch `_BatchNorm`, so precise BN, SyncBN conversion
+      and anything else that looks for BatchNorms leave it alone.
+    - weight and bias stay trainable parameters, as the official code's AffineNd scale/bias (in `model.params`,
+      updated by SGD); like every norm parameter in nlvid they get no weight decay.
+    - Same parameters, buffers and state-dict keys as nn.BatchNorm3d (num_batches_tracked is kept, never
+      incremented): checkpoints and weight import work the same for a BN and a frozen-BN model, and `conv_bn`
+      folds it into the conv at inference like an eval-mode BN.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_features, self.eps = num_features, eps
+        self.affine, self.track_running_stats = True, True  # what code reading a BatchNorm's flags expects
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    @classmethod
+    def from_bn(cls, bn: nn.Module) -> FrozenBatchNorm3d:
+        """A frozen copy of a BatchNorm (its parameters, statistics and eps; requires_grad kept)."""
+        out = cls(bn.num_features, eps=bn.eps)
+        with torch.no_grad():
+            if bn.weight is not None:
+                out.weight.copy_(bn.weight)
+                out.weight.requires_grad_(bn.weight.requires_grad)
+            if bn.bias is not None:
+                out.bias.copy_(bn.bias)
+                out.bias.requires_grad_(bn.bias.requires_grad)
+            if bn.running_mean is not None:
+                out.running_mean.copy_(bn.running_mean)
+                out.running_var.copy_(bn.running_var)
+                out.num_batches_tracked.copy_(bn.num_batches_tracked)
+        ref = bn.weight if bn.weight is not None else bn.running_mean
+        return out.to(ref.device) if ref is not None else out
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift), both (C,): y = x * scale + shift."""
+        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+        return scale, self.bias - self.running_mean * scale
+
+    def _affine(self, x: torch.Tensor) -> torch.Tensor:
+        # eval-mode batch_norm is the per-channel scale and shift (no statistics computed); its fused backward is
+        # faster on CPU than autograd through x * scale + shift
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            raise ValueError(f"FrozenBatchNorm3d({self.num_features}): input of shape {tuple(x.shape)}")
+        if x.dim() != 5 or not x.is_contiguous(memory_format=torch.channels_last_3d):
+            return self._affine(x)
+        B, C, T, H, W = x.shape
+        # (B, C, T, H, W) -> (B*T, C, H, W) channels_last view, and back (the 4-D kernel is faster, as for
+        # FrameBatchNorm3d)
+        y = self._affine(x.transpose(1, 2).reshape(B * T, C, H, W))
+        return y.reshape(B, T, C, H, W).transpose(1, 2)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+def freeze_batchnorm(module: nn.Module) -> int:
+    """Replace every BatchNorm inside `module` by a `FrozenBatchNorm3d` with its values, in place; returns the
+    number replaced."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(module, name, FrozenBatchNorm3d.from_bn(child))
+            count += 1
+        else:
+            count += freeze_batchnorm(child)
+    return count
+
+
 def _init_conv_bn(module: nn.Module) -> None:
     """Kaiming (fan_out, ReLU) for convs, BN gamma 1 / beta 0 (PySlowFast / Caffe2 msra fill)."""
     for m in module.modules():
         if isinstance(m, nn.Conv3d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            # drawn in the standard (contiguous) order, then copied into the weight's layout (FrameConv3d keeps
+            # channels_last_3d), so a seed gives the same weights whatever the layout
+            with torch.no_grad():
+                m.weight.copy_(nn.init.kaiming_normal_(torch.empty(m.weight.shape, dtype=m.weight.dtype),
+                                                       mode="fan_out", nonlinearity="relu"))
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm3d):
@@ -231,10 +375,9 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else conv_bn(self.downsample[0], self.downsample[1], x)
-        y = self.relu(conv_bn(self.conv1, self.bn1, x))
-        y = self.relu(conv_bn(self.conv2, self.bn2, y))
-        y = conv_bn(self.conv3, self.bn3, y)
-        return self.relu(y.add_(shortcut))  # in place: BN's backward does not need its output
+        y = conv_bn(self.conv1, self.bn1, x, relu=True)
+        y = conv_bn(self.conv2, self.bn2, y, relu=True)
+        return conv_bn(self.conv3, self.bn3, y, residual=shortcut, relu=True)
 
 
 class BasicBlock(nn.Module):
@@ -264,9 +407,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else conv_bn(self.downsample[0], self.downsample[1], x)
-        y = self.relu(conv_bn(self.conv1, self.bn1, x))
-        y = conv_bn(self.conv2, self.bn2, y)
-        return self.relu(y.add_(shortcut))  # in place: BN's backward does not need its output
+        y = conv_bn(self.conv1, self.bn1, x, relu=True)
+        return conv_bn(self.conv2, self.bn2, y, residual=shortcut, relu=True)
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -283,7 +425,7 @@ class Stem(nn.Module):
         _init_conv_bn(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.relu(conv_bn(self.conv, self.bn, x)))
+        return self.pool(conv_bn(self.conv, self.bn, x, relu=True))
 
 
 def run_grouped(block: nn.Module, x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -302,24 +444,81 @@ def run_grouped(block: nn.Module, x: torch.Tensor, groups: int) -> torch.Tensor:
     return y.reshape(B, groups, C, T // groups, H, W).transpose(1, 2).reshape(B, C, T, H, W)
 
 
+# train.checkpoint (activation checkpointing): what is recomputed in backward instead of kept from forward
+CHECKPOINT_MODES = ("off", "nonlocal", "stages")
+
+
+class _KeepBNStats:
+    """The context of a checkpointed segment's recomputation in backward. The segment runs its train-mode
+    BatchNorms again (with the same batch statistics: the same values and gradients), which would update their
+    running statistics a second time; their running_mean / running_var / num_batches_tracked are put back as they
+    were before the recomputation, so each training step updates them exactly once."""
+
+    def __init__(self, bns: list[nn.Module]):
+        self.bns = bns
+        self.saved: list[tuple[torch.Tensor, ...]] = []
+
+    def __enter__(self) -> None:
+        self.saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+                      for m in self.bns]
+
+    def __exit__(self, *exc: Any) -> bool:
+        with torch.no_grad():
+            for m, (mean, var, n) in zip(self.bns, self.saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(n)
+        self.saved = []
+        return False
+
+
+def recompute(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *owners: nn.Module) -> torch.Tensor:
+    """fn(x) under non-reentrant activation checkpointing: only x is kept for backward, where fn runs again.
+    `owners` are the modules fn runs: their train-mode BatchNorms' running statistics survive the recomputation
+    unchanged (`_KeepBNStats`). fn must be deterministic (no dropout: nlvid's only randomness is the head's, which is
+    never checkpointed; the RNG state is preserved anyway). Under torch.compile fn(x) runs plainly: dynamo takes
+    no context_fn, and its compiled recomputation updates BN statistics a second time (measured)."""
+    if torch.compiler.is_compiling():
+        return fn(x)
+    bns = [m for o in owners if o is not None for m in o.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.running_mean is not None]
+    return _checkpoint(fn, x, use_reentrant=False, context_fn=lambda: (nullcontext(), _KeepBNStats(bns)))
+
+
 class Stage(nn.Module):
     """Residual blocks plus Non-local blocks: `nl[str(i)]` runs on the output of `blocks[i]` (on `group` groups of
-    consecutive frames separately when group > 1)."""
+    consecutive frames separately when group > 1).
+
+    `checkpoint` (set by `ResNet3d.set_checkpointing`; used only in training mode with autograd on): "nonlocal"
+    recomputes each NL block in backward, "stages" each residual block together with the NL block after it."""
 
     def __init__(self, blocks: list[nn.Module], nl: dict[str, nn.Module], group: int = 1):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.nl = nn.ModuleDict(nl)
         self.group = group
+        self.checkpoint = "off"
+
+    def _nonlocal(self, nl: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        x = run_grouped(nl, x, self.group)
+        if not x.is_contiguous(memory_format=torch.channels_last_3d):
+            x = x.contiguous(memory_format=torch.channels_last_3d)  # keep the trunk in one layout
+        return x
+
+    def _block(self, block: nn.Module, nl: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+        x = block(x)
+        return x if nl is None else self._nonlocal(nl, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self.checkpoint if self.training and torch.is_grad_enabled() else "off"
         for i, block in enumerate(self.blocks):
-            x = block(x)
-            key = str(i)
-            if key in self.nl:
-                x = run_grouped(self.nl[key], x, self.group)
-                if not x.is_contiguous(memory_format=torch.channels_last_3d):
-                    x = x.contiguous(memory_format=torch.channels_last_3d)  # keep the trunk in one layout
+            nl = self.nl[str(i)] if str(i) in self.nl else None
+            if mode == "stages":
+                x = recompute(partial(self._block, block, nl), x, block, nl)
+            elif mode == "nonlocal" and nl is not None:
+                x = recompute(partial(self._nonlocal, nl), block(x), nl)
+            else:
+                x = self._block(block, nl, x)
         return x
 
 
@@ -373,14 +572,19 @@ class ResNet3d(nn.Module):
             default off (the paper and official code use gamma 1).
         nonlocal_group: {"res3": 4}: that stage's NL blocks attend within 4 groups of consecutive frames
             (PySlowFast NONLOCAL.GROUP); the stage's frame count must be a multiple of it.
+        bn: "bn" (BatchNorm, batch statistics in training) or "frozen" (every BatchNorm of the model, backbone and
+            NL blocks with norm "bn", is a `FrozenBatchNorm3d`: fixed statistics, trainable scale/shift).
+        checkpoint: activation checkpointing in training, see `set_checkpointing`.
     """
 
     def __init__(self, *, depth: int = 50, arch: str = "c2d", layout: str = "8x8", width: int = 64,
                  stage_depths: Sequence[int] | None = None, nonlocal_blocks: dict[str, Sequence[int]] | None = None,
                  nonlocal_kwargs: dict[str, Any] | None = None, num_classes: int = 400, dropout: float = 0.5,
                  stem_pool_padding: int = 1, zero_init_last_bn: bool = False,
-                 nonlocal_group: dict[str, int] | None = None):
+                 nonlocal_group: dict[str, int] | None = None, bn: str = "bn", checkpoint: str = "off"):
         super().__init__()
+        if bn not in BN_MODES:
+            raise ConfigError(f"bn {bn!r} is not one of {', '.join(BN_MODES)}")
         if depth not in STAGE_DEPTHS:
             raise ConfigError(f"depth {depth!r} is not one of {', '.join(map(str, STAGE_DEPTHS))}")
         if arch not in ARCHS:
@@ -431,15 +635,35 @@ class ResNet3d(nn.Module):
                 self.pool2 = nn.MaxPool3d(lay["pool2_kernel"], lay["pool2_stride"])
         self.num_features = dim_in
         self.head = Head(dim_in, num_classes, dropout)
+        self.bn_mode = bn
+        if bn == "frozen":
+            freeze_batchnorm(self)
+        self.checkpointing = "off"
+        self.set_checkpointing(checkpoint)
+
+    def set_checkpointing(self, mode: str) -> None:
+        """Activation checkpointing, used only in training mode with autograd on (inference is unchanged):
+        "off"; "nonlocal": each NL block is recomputed in backward; "stages": the stem, each residual block
+        together with the NL block after it, and pool2 are recomputed (only their inputs are kept), which is
+        about one extra forward pass. The head (dropout) is never recomputed; BN running statistics are
+        updated once per step either way, and gradients equal the plain run's."""
+        if mode not in CHECKPOINT_MODES:
+            raise ConfigError(f"checkpoint {mode!r} is not one of {', '.join(CHECKPOINT_MODES)}")
+        self.checkpointing = mode
+        for name in STAGES:
+            getattr(self, name).checkpoint = mode
 
     # -- API ----------------------------------------------------------------------------------------------------
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, T, H, W) -> res5 map (B, C, T', H', W') (in channels_last_3d memory order)."""
         x = x.contiguous(memory_format=torch.channels_last_3d)
-        x = self.stem(x)
-        x = self.res2(x)
-        x = self.pool2(x)
+        if self.checkpointing == "stages" and self.training and torch.is_grad_enabled():
+            x = recompute(self.stem, x, self.stem)
+            x = recompute(self.pool2, self.res2(x))  # keeps res2's output, not also pool2's int64 indices
+        else:
+            x = self.stem(x)
+            x = self.pool2(self.res2(x))
         x = self.res3(x)
         x = self.res4(x)
         return self.res5(x)
