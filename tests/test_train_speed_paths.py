@@ -175,3 +175,13 @@ def test_a_seed_gives_the_same_initial_weights_whatever_the_layout():
     r3d._init_conv_bn(plain)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
     torch.testing.assert_close(conv.weight, plain.weight, rtol=0, atol=0)
+
+
+def test_training_forward_has_no_graph_breaks_under_torch_compile():
+    """train.compile: the in-place join must not ask `_is_view` while dynamo traces (a graph break per block,
+    which sent the compiled training step into dynamic-shape recompiles that inductor failed on)."""
+    m = create_model("tiny", num_classes=3).train()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(m)(torch.randn(2, 3, 8, 32, 32))
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [b.reason.splitlines()[0] for b in explained.break_reasons]

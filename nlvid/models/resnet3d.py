@@ -186,7 +186,10 @@ def conv_bn(conv: FrameConv3d, bn: nn.BatchNorm3d, x: torch.Tensor, *, residual:
 
 def _inplace_ok(y: torch.Tensor) -> bool:
     """Whether an in-place op on y is free: not when autograd would record it on a view (CopySlices, see
-    `conv_bn`). Without grad nothing is recorded and in place is the cheaper choice."""
+    `conv_bn`). Without grad nothing is recorded and in place is the cheaper choice. Under torch.compile: never
+    (inductor fuses the out-of-place ops itself, and asking `_is_view` there is a graph break per call)."""
+    if torch.compiler.is_compiling():
+        return False
     return not (y.requires_grad and y._is_view())
 
 
