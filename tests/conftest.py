@@ -52,3 +52,25 @@ def trained_run(tmp_path_factory, synthetic_data) -> Path:
     out = tmp_path_factory.mktemp("engine_run")
     train(load_config("tiny", FAST + FIT), data=synthetic_data, out=out, progress=None)
     return out
+
+
+TINY_CLASSES = ["alpha", "beta", "gamma"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A `tiny` checkpoint with 3 classes (TINY_CLASSES), random weights, a head that separates the classes a
+    little (so a ranking is not a tie): (path, model, classes, config), the model loaded back from the file."""
+    from nlvid.checkpoint import save_checkpoint
+    from nlvid.config import load_config
+    from nlvid.models import create_model, load_model
+
+    cfg = load_config("tiny", ["model.num_classes=3"])
+    torch.manual_seed(0)
+    model = create_model("tiny", num_classes=3)
+    with torch.no_grad():
+        model.head.fc.weight.normal_(std=0.5)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, model_state=model.state_dict(), config=cfg.to_dict(), classes=TINY_CLASSES)
+    model, classes, cfg = load_model(path)
+    return path, model, classes, cfg

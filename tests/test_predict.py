@@ -17,26 +17,8 @@ from nlvid.errors import CheckpointError
 from nlvid.cli.options import resolve_checkpoint
 from nlvid.engine.predict import predict_files
 
-CLASSES = ["alpha", "beta", "gamma"]
+from conftest import TINY_CLASSES as CLASSES
 BROKEN = {"corrupted.mp4", "missing.mp4", "text.mp4"}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from nlvid.config import load_config
-    from nlvid.checkpoint import save_checkpoint
-    from nlvid.models import load_model
-    from nlvid.models import create_model
-
-    cfg = load_config("tiny", ["model.num_classes=3"])
-    torch.manual_seed(0)
-    model = create_model("tiny", num_classes=3)
-    with torch.no_grad():  # a head that separates classes a little, so the ranking is not a tie
-        model.head.fc.weight.normal_(std=0.5)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(path, model_state=model.state_dict(), config=cfg.to_dict(), classes=CLASSES)
-    model, classes, cfg = load_model(path)
-    return path, model, classes, cfg
 
 
 def _settings(cfg, **kw):

@@ -26,25 +26,8 @@ from nlvid.data import read_frames, test_views
 from nlvid.data.stream import WindowScheduler, parse_source, window_bounds
 from nlvid.engine.stream import FrameOut, StreamPredictor, WindowResult, _Prepared, _Queue
 
-CLASSES = ["alpha", "beta", "gamma"]
+from conftest import TINY_CLASSES as CLASSES
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from nlvid.checkpoint import save_checkpoint
-    from nlvid.config import load_config
-    from nlvid.models import create_model, load_model
-
-    cfg = load_config("tiny", ["model.num_classes=3"])
-    torch.manual_seed(0)
-    model = create_model("tiny", num_classes=3)
-    with torch.no_grad():  # a head that separates classes a little, so the ranking is not a tie
-        model.head.fc.weight.normal_(std=0.5)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(path, model_state=model.state_dict(), config=cfg.to_dict(), classes=CLASSES)
-    model, classes, cfg = load_model(path)
-    return path, model, classes, cfg
 
 
 def _kw(cfg):
