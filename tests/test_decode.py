@@ -94,11 +94,11 @@ def test_short_side_resize_in_decode(shared_videos):
 
 @pytest.mark.parametrize("name", ["R6llTwEh07w.mp4", "video_90.mov", "v_SoccerJuggling_g23_c01.avi"])
 def test_cached_reformatter_matches_pyav(shared_videos, name):
-    """_frame_to_rgb keeps one swscale context per thread (a speed-up); its pixels must equal PyAV's own
+    """frame_to_rgb keeps one swscale context per thread (a speed-up); its pixels must equal PyAV's own
     frame.to_ndarray for every size, including when the target size changes between calls."""
     import av
 
-    from nlvid.data.decode import _frame_to_rgb
+    from nlvid.data.decode import frame_to_rgb
 
     with av.open(str(shared_videos / name), metadata_errors="ignore") as c:
         frames = [f for _, f in zip(range(4), c.decode(video=0))]
@@ -115,7 +115,7 @@ def test_cached_reformatter_matches_pyav(shared_videos, name):
                     tw, th = th, tw
                 want = f.to_ndarray(format="rgb24", width=tw, height=th, interpolation="AREA" if s < 1 else "BILINEAR")
             want = np.rot90(want, k=rot) if rot else want
-            got = _frame_to_rgb(f, short)
+            got = frame_to_rgb(f, short)
             assert got.shape == want.shape and np.array_equal(got, want), (name, short)
 
 
@@ -224,7 +224,7 @@ def test_skipping_never_changes_the_frames(shared_videos, name):
     """The decoder skips non-reference frames far from the wanted times and those between the frames of a strided
     clip (superseded by a frame already decoded); the frames returned equal a decode that skips nothing, for
     strided clips anywhere in every shared clip, with and without the short-side resize."""
-    from nlvid.data.decode import _Video
+    from nlvid.data.decode import Video
 
     path = shared_videos / name
     info = probe(path)
@@ -233,16 +233,16 @@ def test_skipping_never_changes_the_frames(shared_videos, name):
     cases = [(max(0, n - 57), 8, 8, None), (n // 3, 16, 4, None), (int(rng.integers(0, n)), 2, 8, 112)]
     for start, stride, frames, short in cases:
         times = [min(start + i * stride, n - 1) / info.fps for i in range(frames)]
-        with _Video(path) as v:
+        with Video(path) as v:
             got = v.decode_times(times, short_side=short)
-        with _Video(path, skip_nonref=False) as v:
+        with Video(path, skip_nonref=False) as v:
             want = v.decode_times(times, short_side=short)
         assert np.array_equal(got, want), (name, start, stride, short)
     starts = []
     clips = read_clips(path, lambda total: starts.extend([0, total // 2, max(0, total - 57)]) or starts,
                        num_frames=8, stride=8)  # several clips in one pass
     for c, s in zip(clips, starts):
-        with _Video(path, skip_nonref=False) as v:
+        with Video(path, skip_nonref=False) as v:
             want = v.decode_times(clip_indices(s, num_frames=8, stride=8, total=v.frame_count_estimate()) / v.fps)
         assert np.array_equal(c, want), (name, s)
 

@@ -621,7 +621,7 @@ class VideoDataset(torch.utils.data.Dataset):
         rng = item_rng(self.seed, epoch, index)
         if self.train:
             short = max(random_short_side(rng, self.train_short_side), self.crop_size)
-            with _decode._Video(path) as v:
+            with _decode.Video(path) as v:
                 total = v.frame_count_estimate()
                 start = random_start(total, num_frames=self.num_frames, stride=self.stride, rng=rng)
                 idx = clip_indices(start, num_frames=self.num_frames, stride=self.stride, total=total)

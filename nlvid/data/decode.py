@@ -41,8 +41,9 @@ from av.video.reformatter import VideoReformatter
 from nlvid.data.sampling import clip_indices, clip_span
 from nlvid.errors import DecodeError
 
-# How many decoded frames may arrive before an earlier-labelled one (packed B-frames need 1-2).
-_REORDER_WINDOW = 4
+# How many decoded frames may arrive before an earlier-labelled one (packed B-frames need 1-2). Public: the frames
+# a `ReorderWindow` holds back, here and in nlvid.data.stream.
+REORDER_WINDOW = 4
 # Packets demuxed at open to find the time origin.
 _ORIGIN_PACKETS = 8
 # Codecs whose AVI files may hold packed B-frames (decoded pts out of order, dts in display order).
@@ -95,7 +96,7 @@ def _open(path: Path):
     try:
         container = av.open(str(path), metadata_errors="ignore")
     except av.FFmpegError as e:
-        raise DecodeError(path, f"not a readable video container ({_ffmpeg_msg(e)})") from None
+        raise DecodeError(path, f"not a readable video container ({ffmpeg_error_message(e)})") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise DecodeError(path, f"cannot open ({type(e).__name__}: {e})") from None
     if not container.streams.video:
@@ -108,13 +109,18 @@ def _open(path: Path):
     return container, stream
 
 
-def _ffmpeg_msg(e: Exception) -> str:
+def ffmpeg_error_message(e: Exception) -> str:
+    """A short "ErrorType: message" text for an FFmpeg/PyAV exception, for DecodeError messages and logs (used here
+    and by nlvid.data.stream)."""
     msg = getattr(e, "strerror", None) or str(e)
     return f"{type(e).__name__}: {msg}"
 
 
-class _Video:
-    """One open video: stream metadata plus the time origin; `decode_times` does the actual work."""
+class Video:
+    """One open video: stream metadata plus the time origin; `decode_times` does the actual work.
+
+    Public for nlvid.data.stream (reads a regular file forward with it: `seek_start`, `frame_stamp`,
+    `stamp_to_seconds`) and nlvid.data.dataset; use as a context manager (closes the container)."""
 
     def __init__(self, path: str | Path, *, timeout: float = DEFAULT_TIMEOUT, skip_nonref: bool = True):
         self.path = Path(path)
@@ -128,7 +134,7 @@ class _Video:
             raise
         except Exception as e:  # noqa: BLE001 - any demux failure is a broken file
             self.close()
-            raise DecodeError(self.path, f"cannot read stream metadata ({_ffmpeg_msg(e)})") from None
+            raise DecodeError(self.path, f"cannot read stream metadata ({ffmpeg_error_message(e)})") from None
 
     def close(self) -> None:
         try:
@@ -136,7 +142,7 @@ class _Video:
         except Exception:  # noqa: BLE001
             pass
 
-    def __enter__(self) -> _Video:
+    def __enter__(self) -> Video:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -147,8 +153,8 @@ class _Video:
     def _read_metadata(self) -> None:
         s = self.stream
         self.tb = s.time_base or Fraction(1, 1000)
-        # `_seconds` runs per packet and frame: int arithmetic and one true division give the same float as
-        # float(Fraction) (both are the correctly rounded quotient) at a tenth of the cost
+        # `stamp_to_seconds` runs per packet and frame: int arithmetic and one true division give the same float
+        # as float(Fraction) (both are the correctly rounded quotient) at a tenth of the cost
         self._tb_num, self._tb_den = self.tb.numerator, self.tb.denominator
         rate = s.average_rate or s.guessed_rate or s.base_rate
         self.fps = float(rate) if rate else 0.0
@@ -191,7 +197,7 @@ class _Video:
     def _check_packed_bframes(self) -> None:
         stamps = []
         try:
-            self._seek_start()
+            self.seek_start()
             for frame in self.container.decode(self.stream):
                 stamps.append((frame.pts, frame.dts))
                 if len(stamps) >= 8:
@@ -206,7 +212,7 @@ class _Video:
             self.use_dts = True
             self.time_origin = dts[0]
 
-    def _stamp(self, frame, last: int | None) -> int:
+    def frame_stamp(self, frame, last: int | None) -> int:
         """The integer timestamp (stream time base) that orders and times a decoded frame."""
         if self.use_dts:
             # the decoder's final (flushed) frame has no dts: it follows the previous one
@@ -224,7 +230,7 @@ class _Video:
         self._scanned = True
         s = self.stream
         count, end, pts_list = 0, None, []
-        self._seek_start()
+        self.seek_start()
         try:
             for packet in self.container.demux(s):
                 if packet.size == 0 or (packet.pts is None and packet.dts is None):
@@ -269,17 +275,18 @@ class _Video:
 
     # -- decoding ------------------------------------------------------------------------------------------------
 
-    def _seek_start(self) -> None:
+    def seek_start(self) -> None:
+        """Seek to the keyframe at or before the first frame (the time origin), to decode from the start."""
         self.container.seek(self.origin_pts, stream=self.stream, backward=True, any_frame=False)
 
     def _seek(self, t: float) -> None:
         target = self.origin_pts + int(math.floor(t / self.tb))
         if t <= 0:
-            self._seek_start()
+            self.seek_start()
         else:
             self.container.seek(target, stream=self.stream, backward=True, any_frame=False)
 
-    def _seconds(self, stamp: int) -> float:
+    def stamp_to_seconds(self, stamp: int) -> float:
         """A frame or packet timestamp (stream time base) in seconds from the first frame."""
         return (stamp - self.time_origin) * self._tb_num / self._tb_den
 
@@ -320,18 +327,19 @@ class _Video:
             if seek:
                 self._seek(t_min - tol)
             else:
-                self._seek_start()
+                self.seek_start()
         except av.FFmpegError as e:
             if seek:
                 return None
-            return answers.result(f"seek failed ({_ffmpeg_msg(e)})")
+            return answers.result(f"seek failed ({ffmpeg_error_message(e)})")
 
         # Budget: frames between t_min and t_max, plus up to 60 s of GOP before the seek target.
         budget = int((t_max - (t_min if seek else 0.0) + 60.0) * max(self.fps, 1.0) * 2) + 1000
         limits = _Limits(budget=budget, deadline=time.monotonic() + self.timeout, t_max=t_max, timeout=self.timeout)
-        window = _ReorderWindow(self._stamp, self._seconds, overshoot_after=t_min + tol if seek else math.inf)
+        window = ReorderWindow(self.frame_stamp, self.stamp_to_seconds,
+                               overshoot_after=t_min + tol if seek else math.inf)
         skipper = _NonrefSkipper(self.stream.codec_context, enabled=self.skip_nonref and not self.use_dts,
-                                 margin=_SKIP_MARGIN_FRAMES * frame_dur, seconds=self._seconds, tol=tol,
+                                 margin=_SKIP_MARGIN_FRAMES * frame_dur, seconds=self.stamp_to_seconds, tol=tol,
                                  wanted=answers._sorted)
         try:
             state, error = self._decode_packets(window, answers, limits, skipper)
@@ -347,7 +355,7 @@ class _Video:
             error = self._answer_after_last_frame(answers, error, frame_dur)
         return answers.result(error)
 
-    def _decode_packets(self, window: _ReorderWindow, answers: _Answers, limits: _Limits,
+    def _decode_packets(self, window: ReorderWindow, answers: _Answers, limits: _Limits,
                         skipper: _NonrefSkipper) -> tuple[str | None, str | None]:
         """Demux and decode from the current position. Returns (state, error): state _DONE when every wanted time
         is answered, _OVERSHOT when the first frame lies after the seek target, None otherwise; error when a limit
@@ -359,19 +367,19 @@ class _Video:
                 for frame in packet.decode():
                     decoded += 1
                     window.push(frame)
-                    state = window.drain(answers, keep=_REORDER_WINDOW)
+                    state = window.drain(answers, keep=REORDER_WINDOW)
                     if state is not None:
                         return state, None
                     error = limits.exceeded(decoded)
                     if error is not None:
                         return None, error
         except av.FFmpegError as e:
-            return None, f"decode error after {decoded} frames ({_ffmpeg_msg(e)})"
+            return None, f"decode error after {decoded} frames ({ffmpeg_error_message(e)})"
         except (MemoryError, OSError, ValueError, RuntimeError) as e:
             return None, f"decode error after {decoded} frames ({type(e).__name__}: {e})"
         return None, None
 
-    def _flush_decoder(self, window: _ReorderWindow) -> None:
+    def _flush_decoder(self, window: ReorderWindow) -> None:
         """End of stream: move the frames the decoder still holds into the reordering window."""
         try:
             for frame in self.stream.codec_context.decode(None):
@@ -412,7 +420,7 @@ class _Answers:
 
     Times are answered in increasing order (`order` sorts `wanted`): each gets the last frame whose time is at or
     before it (within `tol`); times before the first frame get the first frame. Frames are converted to RGB
-    (`_frame_to_rgb`, with the optional short-side resize) once, however many times they answer.
+    (`frame_to_rgb`, with the optional short-side resize) once, however many times they answer.
     """
 
     def __init__(self, wanted: np.ndarray, order: np.ndarray, tol: float, short_side: int | None):
@@ -462,13 +470,14 @@ class _Answers:
         # frame's pixels.
         if self._rgb_last is not None and self._rgb_last[0] is frame:
             return self._rgb_last[1]
-        arr = _frame_to_rgb(frame, self.short_side)
+        arr = frame_to_rgb(frame, self.short_side)
         self._rgb_last = (frame, arr)
         return arr
 
 
-class _ReorderWindow:
-    """Decoded frames waiting for their time (see the module docstring).
+class ReorderWindow:
+    """Decoded frames waiting for their time (see the module docstring); used by `Video.decode_times` and by
+    nlvid.data.stream.
 
     Frames leave in decoder output order; the k-th frame out gets the k-th smallest timestamp pushed so far.
     stamp(frame, previous stamp) -> the frame's integer timestamp; seconds(stamp) -> seconds from the first frame.
@@ -588,9 +597,11 @@ def _reformatter():
     return r
 
 
-def _frame_to_rgb(frame, short_side: int | None) -> np.ndarray:
-    """RGB uint8 (H, W, 3) as displayed: any pixel format, rotation applied, optional short-side resize."""
-    rot = _rotation_of(frame)
+def frame_to_rgb(frame, short_side: int | None) -> np.ndarray:
+    """RGB uint8 (H, W, 3) as displayed: any pixel format, rotation applied, optional short-side resize.
+
+    The one conversion of decoded frames to arrays, here and in nlvid.data.stream."""
+    rot = rotation_of(frame)
     w, h = frame.width, frame.height
     if short_side is not None:
         # Display size after rotation decides which side is short.
@@ -608,11 +619,12 @@ def _frame_to_rgb(frame, short_side: int | None) -> np.ndarray:
     return arr
 
 
-def _rotation_of(frame) -> int:
+def rotation_of(frame) -> int:
     """Counter-clockwise degrees to display the frame upright, in {0, 90, 180, 270}.
 
     PyAV 18 exposes the display matrix as `frame.rotation` (av_display_rotation_get: -90 for a phone video shot
-    in portrait); ffmpeg's autorotate turns such a frame 90 degrees clockwise, which is np.rot90(k=-1)."""
+    in portrait); ffmpeg's autorotate turns such a frame 90 degrees clockwise, which is np.rot90(k=-1).
+    Used by `frame_to_rgb`, `probe` and nlvid.data.stream (its full-size annotated frames)."""
     try:
         r = frame.rotation
     except Exception:  # noqa: BLE001 - older PyAV
@@ -629,19 +641,19 @@ def _rotation_of(frame) -> int:
 def probe(path: str | Path) -> VideoInfo:
     """Metadata from the container (plus a demux-only packet scan when the header lacks a frame count or
     duration) and the first decoded frame (rotation, display size; proves the stream decodes)."""
-    with _Video(path) as v:
+    with Video(path) as v:
         frame = None
         try:
             frame = _first_keyframe(v)
             if frame is None:
-                v._seek_start()
+                v.seek_start()
                 for frame in v.container.decode(v.stream):
                     break
         except av.FFmpegError as e:
-            raise DecodeError(v.path, f"first frame does not decode ({_ffmpeg_msg(e)})") from None
+            raise DecodeError(v.path, f"first frame does not decode ({ffmpeg_error_message(e)})") from None
         if frame is None:
             raise DecodeError(v.path, "no frames could be decoded")
-        rot = _rotation_of(frame)
+        rot = rotation_of(frame)
         w, h = (frame.height, frame.width) if rot in (90, 270) else (frame.width, frame.height)
         return VideoInfo(
             duration=float(v.duration),
@@ -653,8 +665,8 @@ def probe(path: str | Path) -> VideoInfo:
         )
 
 
-def _first_keyframe(v: _Video):
-    """The first frame of a video whose decoder is still unopened, decoded from the packets `_Video` demuxed at
+def _first_keyframe(v: Video):
+    """The first frame of a video whose decoder is still unopened, decoded from the packets `Video` demuxed at
     open (no seek): the leading keyframe alone, then a flush, on one thread. A probe needs any one frame (its
     rotation side data, its size, proof that the stream decodes); decoding only the keyframe skips the frames a
     B-frame decoder would otherwise take in before it lets the first one out, and one thread skips starting a
@@ -686,7 +698,7 @@ def read_frames(
     `.partial` holds the frames for the times that were reached; with `allow_partial=True` those frames (fewer
     than asked) are returned instead. `short_side` resizes during colour conversion (swscale, area filter).
     """
-    with _Video(path, timeout=timeout) as v:
+    with Video(path, timeout=timeout) as v:
         return v.decode_times(timestamps, allow_partial=allow_partial, short_side=short_side)
 
 
@@ -708,13 +720,13 @@ def read_clip(
     """
     if num_frames < 1 or stride < 1:
         raise ValueError(f"num_frames and stride must be >= 1 (got {num_frames}, {stride})")
-    with _Video(path) as v:
+    with Video(path) as v:
         return _read_clip_open(
             v, num_frames=num_frames, stride=stride, start=start, short_side=short_side, allow_partial=allow_partial
         )
 
 
-def _read_clip_open(v: _Video, *, num_frames, stride, start, short_side=None, allow_partial=False) -> np.ndarray:
+def _read_clip_open(v: Video, *, num_frames, stride, start, short_side=None, allow_partial=False) -> np.ndarray:
     total = v.frame_count_estimate()
     if start is None:
         start_index = max(0, (total - clip_span(num_frames, stride)) // 2)
@@ -742,7 +754,7 @@ def read_clips(
     starts_fn(total_frames) -> list of start frame indices (see nlvid.data.sampling). Returns a list of uint8
     (T, H, W, 3) clips in the order of the starts.
     """
-    with _Video(path) as v:
+    with Video(path) as v:
         total = v.frame_count_estimate()
         starts = list(starts_fn(total))
         idx = np.concatenate(

@@ -22,12 +22,12 @@ the first frame), nothing can be sought. Opening and reading are bounded in time
 sends nothing for `read_timeout` seconds (default 10 s each; blocking reads of a pipe or FIFO are not covered).
 
 Frames (`VideoSource.frames`): decoded forward once, in display order, each with its time in seconds from the
-first frame. Regular files reuse `nlvid.data.decode._Video` (its time origin, its packed-B-frame timestamps) and its
-reordering window (`_ReorderWindow`: the k-th frame out gets the k-th smallest timestamp); live sources use the same
+first frame. Regular files reuse `nlvid.data.decode.Video` (its time origin, its packed-B-frame timestamps) and its
+reordering window (`ReorderWindow`: the k-th frame out gets the k-th smallest timestamp); live sources use the same
 reordering window with pts (else dts, else the previous stamp plus one frame) and take the first frame out as time
 0; a timestamp that jumps back by more than a second (a restarted encoder, an mpegts wrap) is treated as a
 discontinuity and the times carry on from the previous frame. Every frame is converted once, by
-`nlvid.data.decode._frame_to_rgb` (rotation side data honoured, short-side resize in swscale) to the model's size,
+`nlvid.data.decode.frame_to_rgb` (rotation side data honoured, short-side resize in swscale) to the model's size,
 and, when asked (`keep_full`), also at its displayed size for an annotated video (a second swscale context, so the
 two sizes do not rebuild one context on every frame).
 
@@ -77,7 +77,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from nlvid.data.decode import _REORDER_WINDOW, _ffmpeg_msg, _frame_to_rgb, _ReorderWindow, _rotation_of, _Video
+from nlvid.data.decode import REORDER_WINDOW, ReorderWindow, Video, ffmpeg_error_message, frame_to_rgb, rotation_of
 from nlvid.data.sampling import clip_indices, clip_span
 from nlvid.errors import ConfigError, DecodeError
 
@@ -200,10 +200,10 @@ class VideoSource:
         self.bad_packets = 0
         self.end_time: float | None = None
         self._stop = False
-        self._video: _Video | None = None
+        self._video: Video | None = None
         self._full_reformatter = VideoReformatter() if keep_full else None
         if spec.kind == "file":
-            self._video = _Video(spec.url, timeout=max(self.read_timeout, 60.0))  # same checks as nlvid.data
+            self._video = Video(spec.url, timeout=max(self.read_timeout, 60.0))  # same checks as nlvid.data
             self.container, self.stream = self._video.container, self._video.stream
         else:
             self.container, self.stream = self._open_live()
@@ -241,7 +241,7 @@ class VideoSource:
         except PermissionError:
             raise self._error("permission denied") from None
         except av.FFmpegError as e:
-            raise self._error(f"cannot open ({_ffmpeg_msg(e)})") from None
+            raise self._error(f"cannot open ({ffmpeg_error_message(e)})") from None
         except (OSError, ValueError) as e:
             raise self._error(f"cannot open ({type(e).__name__}: {e})") from None
         if not container.streams.video:
@@ -288,12 +288,12 @@ class VideoSource:
 
     def _full_rgb(self, frame) -> np.ndarray:
         arr = self._full_reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
-        rot = _rotation_of(frame)
+        rot = rotation_of(frame)
         return np.ascontiguousarray(np.rot90(arr, k=rot // 90)) if rot else arr
 
-    def _reorder(self) -> _ReorderWindow:
+    def _reorder(self) -> ReorderWindow:
         if self._video is not None:
-            return _ReorderWindow(self._video._stamp, self._video._seconds)
+            return ReorderWindow(self._video.frame_stamp, self._video.stamp_to_seconds)
         tb = self.stream.time_base or Fraction(1, 1000)
         step = max(1, round(1 / (self.info.fps * tb)))
         origin: list[int] = []
@@ -307,7 +307,7 @@ class VideoSource:
                 origin.append(p)  # the first frame out has the smallest pending stamp: time 0
             return float((p - origin[0]) * tb)
 
-        return _ReorderWindow(stamp, seconds)
+        return ReorderWindow(stamp, seconds)
 
     def frames(self) -> Iterator[StreamFrame]:
         """Every frame once, in display order (module doc). Raises DecodeError when the source breaks (after
@@ -326,16 +326,16 @@ class VideoSource:
                 offset += last_t + frame_dur - t
                 t = last_t + frame_dur
             last_t = t if last_t is None else max(last_t, t)
-            f = StreamFrame(self.frames_read, t, _frame_to_rgb(frame, self.short_side),
+            f = StreamFrame(self.frames_read, t, frame_to_rgb(frame, self.short_side),
                             self._full_rgb(frame) if self.keep_full else None)
             self.frames_read += 1
             return f
 
         if self._video is not None:
             try:
-                self._video._seek_start()
+                self._video.seek_start()
             except av.FFmpegError as e:
-                raise self._error(f"seek to the start failed ({_ffmpeg_msg(e)})") from None
+                raise self._error(f"seek to the start failed ({ffmpeg_error_message(e)})") from None
         error: str | None = None
         bad_in_row = 0
         try:
@@ -348,21 +348,22 @@ class VideoSource:
                 except av.FFmpegError as e:
                     if self.spec.live and bad_in_row < _MAX_BAD_PACKETS:
                         if self.bad_packets == 0:
-                            log.warning("%s: skipping undecodable packets (%s)", self.spec.name, _ffmpeg_msg(e))
+                            log.warning("%s: skipping undecodable packets (%s)", self.spec.name,
+                                        ffmpeg_error_message(e))
                         bad_in_row += 1
                         self.bad_packets += 1
                         continue
-                    error = f"decode error after {self.frames_read} frames ({_ffmpeg_msg(e)})"
+                    error = f"decode error after {self.frames_read} frames ({ffmpeg_error_message(e)})"
                     break
                 for frame in decoded:
                     window.push(frame)
                     pushed += 1
-                    while pushed - window.emitted > _REORDER_WINDOW:
+                    while pushed - window.emitted > REORDER_WINDOW:
                         yield out(*window.pop())
         except av.ExitError:
             error = f"no data for {self.read_timeout:g} s (read timeout: the stream stalled or broke)"
         except av.FFmpegError as e:
-            error = f"stream broke after {self.frames_read} frames ({_ffmpeg_msg(e)})"
+            error = f"stream broke after {self.frames_read} frames ({ffmpeg_error_message(e)})"
         except (OSError, MemoryError, ValueError, RuntimeError) as e:
             error = f"stream broke after {self.frames_read} frames ({type(e).__name__}: {e})"
         if error is None and not self._stop:
