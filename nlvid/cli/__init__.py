@@ -19,6 +19,7 @@ import typer
 from nlvid import __version__
 from nlvid.cli import build, evaluate, export, models, predict, runs, synth, train, visualize
 from nlvid.cli.common import log_to_stderr, print_error
+from nlvid.engine.device import reuse_freed_memory
 from nlvid.errors import NlvidError
 
 app = typer.Typer(
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else [str(a) for a in argv]
     command = next((a for a in args if not a.startswith("-")), None)
     log_to_stderr()
+    if argv is None:  # the `nlvid` executable, a process of its own (not a caller that imported nlvid)
+        reuse_freed_memory()
     try:
         code = app(args=args, prog_name="nlvid", standalone_mode=False)
     except typer.TyperException as e:  # usage errors: unknown option, bad or missing value, missing argument
