@@ -191,3 +191,28 @@ def test_checkpointing_with_compile_is_a_config_error(tmp_path):
     cfg = load_config("tiny", FAST + ["train.compile=true", "train.checkpoint=stages"])
     with pytest.raises(ConfigError, match="train.checkpoint=stages does not work with train.compile"):
         train(cfg, data=tmp_path / "unused", out=tmp_path / "run", progress=None)
+
+
+@pytest.mark.parametrize("shape", [(4, 16, 5, 5), (8, 32, 1, 1)])
+def test_mask_relu_is_torch_relu_keeping_a_bool_mask(shape):
+    """The block-output ReLU under stage checkpointing keeps `result > 0` (1 byte per value), and its gradient is
+    torch's ReLU gradient to the bit and in the same memory layout (on 1x1 maps, whose strides are ambiguous, a
+    layout following the incoming gradient changed the next kernels' rounding)."""
+    torch.manual_seed(0)
+    z0 = torch.randn(*shape)  # on a 1x1 map: strides (C, 1, 1, 1), as BN's output there
+    N, C, H, W = shape
+    # a channels-last gradient with the strides channels-last conv backward gives, (C, 1, C, C) on a 1x1 map
+    grad = torch.empty_strided(shape, (H * W * C, 1, W * C, C)).copy_(torch.randn(*shape))
+    got, want, packed = [], [], []
+    z = z0.clone().requires_grad_()
+    z.register_hook(got.append)  # the gradient as the op returns it, before accumulation into .grad
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        out = resnet3d._ReLUKeepMask.apply(z, False)
+    out.backward(grad)
+    ref_z = z0.clone().requires_grad_()
+    ref_z.register_hook(want.append)
+    ref = torch.relu(ref_z)
+    ref.backward(grad)
+    assert torch.equal(out, ref)
+    assert torch.equal(got[0], want[0]) and got[0].stride() == want[0].stride()
+    assert [t.dtype for t in packed] == [torch.bool]

@@ -225,7 +225,7 @@ def test_frame_batchnorm_equals_batchnorm3d(train):
     torch.testing.assert_close(ours.running_var, ref.running_var)
 
 
-def _plain_conv_bn(conv, bn, x, *, residual=None, relu=False):
+def _plain_conv_bn(conv, bn, x, *, residual=None, relu=False, relu_mask=False):
     """conv_bn with the plain module calls: no BN folding, nothing in place."""
     y = bn(conv(x))
     if residual is not None:

@@ -148,8 +148,11 @@ class FrameConv3d(nn.Conv3d):
 
 
 def conv_bn(conv: FrameConv3d, bn: nn.BatchNorm3d, x: torch.Tensor, *, residual: torch.Tensor | None = None,
-            relu: bool = False) -> torch.Tensor:
+            relu: bool = False, relu_mask: bool = False) -> torch.Tensor:
     """bn(conv(x)), then `+ residual` and a ReLU when asked (a block's residual join and activation).
+
+    relu_mask: the ReLU keeps a bool mask for its backward instead of its output (a quarter of the bytes), for a
+    result that nothing else keeps (`_ReLUKeepMask`).
 
     Inference (no autograd, BN in eval mode): the BN is folded into the conv's weights instead: the same function up
     to fp32 rounding, one pass over the activations fewer (BN was ~16% of a C2D R50 inference on CPU). The folded
@@ -164,13 +167,13 @@ def conv_bn(conv: FrameConv3d, bn: nn.BatchNorm3d, x: torch.Tensor, *, residual:
     if bn.training or torch.is_grad_enabled() or bn.running_mean is None or bn.weight is None:
         y = conv(x)
         if y.dim() != 5 or not y.is_contiguous(memory_format=torch.channels_last_3d):
-            return _join(bn(y), residual, relu)
+            return _join(bn(y), residual, relu, relu_mask)
         B, C, T, H, W = y.shape
         z = bn(y.transpose(1, 2).reshape(B * T, C, H, W))  # (B, C, T, H, W) -> (B*T, C, H, W) channels_last view
         if residual is not None:
             residual = residual.transpose(1, 2).reshape(B * T, C, H, W)  # the same fold (a view when channels-last)
         # (B*T, C, H, W) -> (B, T, C, H, W) -> (B, C, T, H, W): a channels_last_3d view
-        return _join(z, residual, relu).reshape(B, T, C, H, W).transpose(1, 2)
+        return _join(z, residual, relu, relu_mask).reshape(B, T, C, H, W).transpose(1, 2)
     srcs = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
     key = tuple((t._version, t.data_ptr(), t.dtype) if t is not None else None for t in srcs) + (bn.eps,)
     cached = conv.__dict__.get("_bn_folded")
@@ -193,14 +196,42 @@ def _inplace_ok(y: torch.Tensor) -> bool:
     return not (y.requires_grad and y._is_view())
 
 
-def _join(z: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
+def _join(z: torch.Tensor, residual: torch.Tensor | None, relu: bool, relu_mask: bool = False) -> torch.Tensor:
     """relu(z + residual), in place on z where that is free (`_inplace_ok`). z is a BN output: BN's backward needs
-    its input, not its output, and neither the add's backward nor ReLU's (which keeps its result) needs z."""
+    its input, not its output, and neither the add's backward nor ReLU's (which keeps its result) needs z.
+    relu_mask: see `conv_bn`."""
     if residual is not None:
         z = z.add_(residual) if _inplace_ok(z) else z + residual
+    if relu and relu_mask and z.requires_grad and not torch.compiler.is_compiling():
+        return _ReLUKeepMask.apply(z, _inplace_ok(z))
     if relu:
         z = z.relu_() if _inplace_ok(z) else torch.relu(z)
     return z
+
+
+class _ReLUKeepMask(torch.autograd.Function):
+    """ReLU whose backward keeps `result > 0` as a bool tensor (1 byte per value) instead of the fp32 result.
+
+    torch's ReLU keeps its result, which costs nothing when the next layer keeps that tensor anyway (a conv's
+    input), but 4 bytes per value when nothing else does: a residual block's output recomputed under stage
+    checkpointing (the next block's kept input was released when that block's backward finished). Same gradient:
+    grad where the result is > 0, else 0 (torch.where: no float copy of the mask)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, inplace: bool) -> torch.Tensor:
+        out = z.relu_() if inplace else torch.relu(z)
+        if inplace:
+            ctx.mark_dirty(out)
+        ctx.save_for_backward(out > 0)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        # the result in the mask's (= the ReLU output's) memory layout, as torch's ReLU backward gives it: a layout
+        # that follows the incoming gradient instead can make the next kernels pick another algorithm (seen on
+        # 1x1 maps, whose strides are ambiguous) and change the gradients' rounding
+        return torch.where(mask, grad, grad.new_zeros(()), out=torch.empty_like(mask, dtype=grad.dtype)), None
 
 
 def _conv(dim_in: int, dim_out: int, kernel: tuple[int, int, int],
@@ -376,11 +407,12 @@ class Bottleneck(nn.Module):
         if zero_init_last_bn:
             nn.init.zeros_(self.bn3.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, relu_mask: bool = False) -> torch.Tensor:
+        """relu_mask: the output's ReLU keeps a bool mask for backward, not the output (see `conv_bn`)."""
         shortcut = x if self.downsample is None else conv_bn(self.downsample[0], self.downsample[1], x)
         y = conv_bn(self.conv1, self.bn1, x, relu=True)
         y = conv_bn(self.conv2, self.bn2, y, relu=True)
-        return conv_bn(self.conv3, self.bn3, y, residual=shortcut, relu=True)
+        return conv_bn(self.conv3, self.bn3, y, residual=shortcut, relu=True, relu_mask=relu_mask)
 
 
 class BasicBlock(nn.Module):
@@ -408,10 +440,11 @@ class BasicBlock(nn.Module):
         if zero_init_last_bn:
             nn.init.zeros_(self.bn2.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, relu_mask: bool = False) -> torch.Tensor:
+        """relu_mask: the output's ReLU keeps a bool mask for backward, not the output (see `conv_bn`)."""
         shortcut = x if self.downsample is None else conv_bn(self.downsample[0], self.downsample[1], x)
         y = conv_bn(self.conv1, self.bn1, x, relu=True)
-        return conv_bn(self.conv2, self.bn2, y, residual=shortcut, relu=True)
+        return conv_bn(self.conv2, self.bn2, y, residual=shortcut, relu=True, relu_mask=relu_mask)
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -512,12 +545,17 @@ class Stage(nn.Module):
         x = block(x)
         return x if nl is None else self._nonlocal(nl, x)
 
+    def _recomputed_block(self, block: nn.Module, nl: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+        """_block under stage checkpointing: without an NL block after it nothing else keeps the block's output when
+        its backward runs, so its ReLU keeps a bool mask instead (an NL block keeps the output anyway)."""
+        return self._block(block, nl, x) if nl is not None else block(x, relu_mask=True)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = self.checkpoint if self.training and torch.is_grad_enabled() else "off"
         for i, block in enumerate(self.blocks):
             nl = self.nl[str(i)] if str(i) in self.nl else None
             if mode == "stages":
-                x = recompute(partial(self._block, block, nl), x, block, nl)
+                x = recompute(partial(self._recomputed_block, block, nl), x, block, nl)
             elif mode == "nonlocal" and nl is not None:
                 x = recompute(partial(self._nonlocal, nl), block(x), nl)
             else:
