@@ -22,8 +22,9 @@ from nlvid.models import create_model
 from nlvid.models.resnet3d import FrameConv3d, ResNet3d
 
 
-def _plain_conv_bn(conv, bn, x, *, residual=None, relu=False):
-    """The reference: plain Conv3d and BatchNorm3d forwards, nothing in place."""
+def _plain_conv_bn(conv, bn, x, *, residual=None, relu=False, relu_mask=False):
+    """The reference: plain Conv3d and BatchNorm3d forwards, nothing in place (relu_mask changes only what
+    backward keeps)."""
     y = torch.nn.BatchNorm3d.forward(bn, torch.nn.Conv3d.forward(conv, x))
     if residual is not None:
         y = y + residual
