@@ -76,7 +76,8 @@ def main() -> None:
         def run(inp):
             fc, fb, cb = r3d.FrameConv3d.forward, r3d.FrameBatchNorm3d.forward, r3d.conv_bn
             r3d.FrameConv3d.forward, r3d.FrameBatchNorm3d.forward = nn.Conv3d.forward, nn.BatchNorm3d.forward
-            r3d.conv_bn = lambda conv, bn, x, residual=None, relu=False: _plain_join(bn(conv(x)), residual, relu)
+            r3d.conv_bn = lambda conv, bn, x, residual=None, relu=False, relu_mask=False: _plain_join(
+                bn(conv(x)), residual, relu)
             try:
                 return m(inp)
             finally:
