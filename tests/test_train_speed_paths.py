@@ -6,6 +6,7 @@
 - FrameConv3d keeps its weight channels_last_3d: same state-dict keys, shapes and values as nn.Conv3d, contiguous
   checkpoints load, and the layout survives loading.
 - inference (no grad, BN folded) equals the autograd path.
+- backward adds the two gradients of every block input (conv1 + shortcut) in place, never into a fresh buffer.
 """
 
 from __future__ import annotations
@@ -186,3 +187,22 @@ def test_training_forward_has_no_graph_breaks_under_torch_compile():
     explained = torch._dynamo.explain(m)(torch.randn(2, 3, 8, 32, 32))
     torch._dynamo.reset()
     assert explained.graph_break_count == 0, [b.reason.splitlines()[0] for b in explained.break_reasons]
+
+
+@pytest.mark.parametrize("arch", ["c2d", "i3d"])
+def test_block_inputs_accumulate_their_gradients_in_place(arch):
+    """early_shortcut + unfolded 1x1x1 convs: no out-of-place aten::add on an activation in backward (each was a
+    fresh (B, C, T, H, W) buffer per block and step), and the in-place adds do happen."""
+    from torch.profiler import ProfilerActivity, profile
+
+    m = _small(arch).train()
+    loss = m(torch.randn(2, 3, 8, 32, 32)).square().sum()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        loss.backward()
+
+    def activation_adds(op):  # 5-D tensors of batch 2: activations (weights' first dim is a channel count >= 8)
+        return [e.input_shapes[0] for e in prof.key_averages(group_by_input_shape=True)
+                if e.key == op and len(e.input_shapes[0]) == 5 and e.input_shapes[0][0] == 2]
+
+    assert activation_adds("aten::add") == []
+    assert len(activation_adds("aten::add_")) >= 3

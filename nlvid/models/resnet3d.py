@@ -131,7 +131,10 @@ class FrameConv3d(nn.Conv3d):
         """`weight`/`bias` replace the module's own (used by `conv_bn` to run with BN folded in)."""
         if weight is None:
             weight, bias = self.weight, self.bias
-        if self.kernel_size[0] != 1 or self.padding[0] != 0 or self.padding_mode != "zeros" or x.dim() != 5:
+        if (self.kernel_size[0] != 1 or self.kernel_size == (1, 1, 1) or self.padding[0] != 0
+                or self.padding_mode != "zeros" or x.dim() != 5):
+            # 1x1x1: as fast unfolded on channels-last input, and its input gradient is then a tensor of its own
+            # rather than a view, which autograd can accumulate in place (see `early_shortcut`)
             return self._conv_forward(x, weight, bias)
         st = self.stride[0]
         if st > 1:
@@ -185,6 +188,19 @@ def conv_bn(conv: FrameConv3d, bn: nn.BatchNorm3d, x: torch.Tensor, *, residual:
             bias = bias + conv.bias * scale
         cached = conv.__dict__["_bn_folded"] = (key, weight, bias)
     return _join(conv(x, cached[1], cached[2]), residual, relu)
+
+
+def early_shortcut(x: torch.Tensor) -> torch.Tensor:
+    """A block's identity shortcut as an alias of x recorded before the block's convs (when autograd records).
+
+    Why: x feeds conv1 and the shortcut, and autograd adds the two gradients in place only when the first to
+    arrive is a tensor of its own that nobody else holds. The shortcut's gradient comes through the views that
+    fold it for the 4-D join (`conv_bn`), and a view never qualifies; backward runs later-recorded nodes first,
+    so with the shortcut used as is its gradient arrived first and every block input got an out-of-place add: a
+    fresh (B, C, T, H, W) buffer per block and step (~15 ms at res2 for 2 x 8 frames under glibc's default
+    malloc, which faults fresh pages in). Recorded before conv1, the alias hands its gradient over last, after
+    conv1's (a plain tensor: 1x1x1 convs run unfolded, see FrameConv3d), and the add happens in place."""
+    return x.view(x.shape) if x.requires_grad and torch.is_grad_enabled() else x
 
 
 def _inplace_ok(y: torch.Tensor) -> bool:
@@ -409,7 +425,8 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor, *, relu_mask: bool = False) -> torch.Tensor:
         """relu_mask: the output's ReLU keeps a bool mask for backward, not the output (see `conv_bn`)."""
-        shortcut = x if self.downsample is None else conv_bn(self.downsample[0], self.downsample[1], x)
+        ds = self.downsample
+        shortcut = early_shortcut(x) if ds is None else conv_bn(ds[0], ds[1], x)
         y = conv_bn(self.conv1, self.bn1, x, relu=True)
         y = conv_bn(self.conv2, self.bn2, y, relu=True)
         return conv_bn(self.conv3, self.bn3, y, residual=shortcut, relu=True, relu_mask=relu_mask)
@@ -442,7 +459,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, *, relu_mask: bool = False) -> torch.Tensor:
         """relu_mask: the output's ReLU keeps a bool mask for backward, not the output (see `conv_bn`)."""
-        shortcut = x if self.downsample is None else conv_bn(self.downsample[0], self.downsample[1], x)
+        ds = self.downsample
+        shortcut = early_shortcut(x) if ds is None else conv_bn(ds[0], ds[1], x)
         y = conv_bn(self.conv1, self.bn1, x, relu=True)
         return conv_bn(self.conv2, self.bn2, y, residual=shortcut, relu=True, relu_mask=relu_mask)
 
