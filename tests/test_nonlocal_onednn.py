@@ -125,3 +125,18 @@ def test_block_uses_sdpa_with_one_thread_and_the_same_numbers(two_threads, atten
     y1 = block(x)
     assert len(attention_calls) == 1  # SDPA this time
     assert _close(y1, y2) <= 1e-5
+
+
+def test_a_traced_block_holds_sdpa_and_serves_any_batch(monkeypatch, two_threads, attention_calls):
+    """torch.jit.trace (and the exporters) get one SDPA op, not the Python loops frozen to the traced batch."""
+    monkeypatch.setattr(nb, "_ONEDNN_ATTENTION_MIN_SCORES", 0)
+    torch.manual_seed(4)
+    block = _randomise(NonLocalBlock(8, 4)).eval()
+    x2, x3 = torch.randn(2, 8, 4, 6, 6), torch.randn(3, 8, 4, 6, 6)
+    with torch.no_grad():
+        traced = torch.jit.trace(block, x2, check_trace=False)
+        assert attention_calls == []
+        y3 = traced(x3)
+        assert attention_calls == []
+        assert _close(y3, block(x3)) <= 1e-5
+    assert attention_calls == [(3, 144, 4)]

@@ -289,10 +289,13 @@ def _row_blocks(n: int, n_keys: int) -> list[slice]:
 
 def _onednn_attention_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether _SoftmaxAttention is the faster choice: fp32 on CPU with oneDNN, more than one thread (with one,
-    torch runs a 1x1 conv of batch 1 through its BLAS fallback instead of oneDNN), not under torch.compile, and
-    few groups with enough work each (the groups are a Python loop; space/time modes can have thousands)."""
+    torch runs a 1x1 conv of batch 1 through its BLAS fallback instead of oneDNN), not while compiling, tracing
+    or exporting (SDPA is one op there), and few groups with enough work each (the groups are a Python loop;
+    space/time modes can have thousands)."""
     return (
         not torch.compiler.is_compiling()  # first: dynamo cannot trace the calls below (a graph break each)
+        and not torch.jit.is_tracing()  # a trace would freeze the Python loops to this batch (export, jit)
+        and not torch.onnx.is_in_onnx_export()
         and q.device.type == "cpu"
         and q.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
