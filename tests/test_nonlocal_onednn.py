@@ -1,5 +1,5 @@
-"""The NL fast path's oneDNN products (nlvid.models.nonlocal_block): _gemm_nt, _SoftmaxAttention and when the block
-takes them. Every result is compared with an independent computation (float64 matmul, SDPA in float64, the explicit
+"""oneDNN routing on CPU (nlvid.models.onednn) and the NL fast path's use of it (nlvid.models.nonlocal_block):
+gemm_nt, _SoftmaxAttention, the 1x1x1 convs, and when each is taken. Every result is compared with an independent computation (float64 matmul, SDPA in float64, the explicit
 block), and the tests that rely on the oneDNN path being taken check that it was."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import nlvid.models.nonlocal_block as nb
 from nlvid.models.nonlocal_block import NonLocalBlock
+from nlvid.models.onednn import gemm_nt
 
 from test_nonlocal import _close, _randomise
 
@@ -43,7 +44,7 @@ def attention_calls(monkeypatch):
 def test_gemm_nt_is_a_times_b_transposed(M, K, N):
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen)
-    out = nb._gemm_nt(a, b)
+    out = gemm_nt(a, b)
     assert out.shape == (M, N)
     ref = (a.double() @ b.double().t()).float()
     assert (out - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
@@ -140,3 +141,38 @@ def test_a_traced_block_holds_sdpa_and_serves_any_batch(monkeypatch, two_threads
         assert attention_calls == []
         assert _close(y3, block(x3)) <= 1e-5
     assert attention_calls == [(3, 144, 4)]
+
+
+def test_conv1x1_uses_onednn_follows_torchs_rule(two_threads):
+    """Checked against what torch actually runs: oneDNN (mkldnn_convolution) or its slow fallback."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nlvid.models.onednn import conv1x1_uses_onednn
+
+    def runs_onednn(x):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            F.conv3d(x, torch.randn(4, x.shape[1], 1, 1, 1))
+        return any(e.key == "aten::mkldnn_convolution" for e in prof.key_averages())
+
+    cases = [torch.randn(2, 8, 4, 6, 6), torch.randn(1, 8, 2, 3, 3), torch.randn(1, 64, 4, 12, 12),
+             torch.randn(16, 8, 1, 3, 3)]
+    for threads in (2, 1):
+        torch.set_num_threads(threads)
+        for x in cases:
+            assert conv1x1_uses_onednn(x) == runs_onednn(x), (threads, tuple(x.shape))
+    assert not conv1x1_uses_onednn(torch.randn(2, 8, 4, 6, 6).double())
+
+
+def test_one_thread_never_takes_torchs_slow_1x1_conv(two_threads):
+    """With one thread torch sends a 1x1x1 conv of a small batch to its im2col fallback (3-4x slower): the model
+    folds such convs into a batch of B*T and the NL block uses its matmul path instead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nlvid.models import create_model
+
+    torch.set_num_threads(1)
+    m = create_model("c2d_r18_nl5", width=8, num_classes=3).train()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        m(torch.randn(2, 3, 8, 32, 32)).sum().backward()
+    keys = {e.key for e in prof.key_averages()}
+    assert not {k for k in keys if "slow_conv" in k}, keys

@@ -78,6 +78,7 @@ from torch import nn
 
 from nlvid.config import Choice, Instantiation, Mode, Norm, PoolPosition
 from nlvid.errors import ConfigError
+from nlvid.models.onednn import conv1x1_uses_onednn, gemm_nt
 
 
 class Impl(Choice):
@@ -159,8 +160,9 @@ def _conv_tokens(x5: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
     these machines (2 cores, AMD EPYC, torch 2.14.1 with MKL) a channels-last 1x1x1 conv reaches 180-200 GMAC/s
     where aten::mm (MKL sgemm) reaches 85-90, e.g. (2, 1024, 4, 14, 14) -> 512: 4.7 ms vs 9.7 ms; the conv's
     backward is oneDNN's too. The output is channels_last_3d, so its tokens are a view. A contiguous x5 goes through
-    _linear_tokens instead (a transposed view BLAS reads as is; converting it would copy and keep a second x)."""
-    if not _is_channels_last(x5):
+    _linear_tokens instead (a transposed view BLAS reads as is; converting it would copy and keep a second x), and
+    so does any x whose 1x1 conv torch would not give to oneDNN (one thread, small batch: see nlvid.models.onednn)."""
+    if not (_is_channels_last(x5) and conv1x1_uses_onednn(x5)):
         return _linear_tokens(_tokens(x5), weight, bias)  # (B, N, C) -> (B, N, C')
     return _tokens(F.conv3d(x5, weight, bias))  # (B, C', T, H, W) channels-last -> (B, N, C') view
 
@@ -215,16 +217,6 @@ def _pool5(x5: torch.Tensor, kernel: tuple[int, int, int]) -> torch.Tensor:
     return F.max_pool3d(x_cl, kernel, kernel)
 
 
-def _gemm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a (M, K) @ b (N, K)^T -> (M, N), both contiguous, computed by oneDNN as a 1x1 convolution.
-
-    a is viewed as a (1, K, M, 1) channels-last image (its memory as is) and b as N filters of K channels; the
-    channels-last output (1, N, M, 1) is the (M, N) product in row-major memory. See _SoftmaxAttention for why."""
-    M, K = a.shape
-    y = F.conv2d(a.view(1, M, 1, K).permute(0, 3, 1, 2), b.view(b.shape[0], K, 1, 1))  # (1, N, M, 1) channels-last
-    return y.permute(0, 2, 3, 1).reshape(M, -1)  # (1, N, M, 1) -> (1, M, 1, N) -> (M, N), a view
-
-
 # _SoftmaxAttention takes this many query rows at a time (fewer when keys are many): the (rows, n') score block
 # stays a few MiB. Measured at (1, 12544, 3136, 256) fwd+bwd: 128 rows 654 ms, 256 678, 512 543, 1024 676.
 _ATTENTION_ROWS = 512
@@ -233,7 +225,7 @@ _ONEDNN_ATTENTION_MIN_SCORES = 1 << 16
 
 
 class _SoftmaxAttention(torch.autograd.Function):
-    """y = softmax(s * q k^T) v per group, with every product run by oneDNN (_gemm_nt), in blocks of query rows.
+    """y = softmax(s * q k^T) v per group, with every product run by oneDNN (`gemm_nt`), in blocks of query rows.
 
     The same numbers as F.scaled_dot_product_attention (fp32, ~1e-6), faster on CPUs where oneDNN outruns the BLAS
     that torch's CPU attention kernel calls: on these machines (AMD EPYC, torch 2.14.1 built with MKL) a 1x1 conv
@@ -251,8 +243,8 @@ class _SoftmaxAttention(torch.autograd.Function):
             ks = k[g] * scale  # (n', D)
             vt = v[g].t().contiguous()  # (C', n')
             for r in blocks:
-                p = torch.softmax(_gemm_nt(q[g, r], ks), dim=-1)  # (rows, D) @ (n', D)^T -> (rows, n')
-                y[g, r] = _gemm_nt(p, vt)  # (rows, n') @ (C', n')^T -> (rows, C')
+                p = torch.softmax(gemm_nt(q[g, r], ks), dim=-1)  # (rows, D) @ (n', D)^T -> (rows, n')
+                y[g, r] = gemm_nt(p, vt)  # (rows, n') @ (C', n')^T -> (rows, C')
         ctx.save_for_backward(q, k, v)
         ctx.scale = scale
         return y
@@ -269,12 +261,12 @@ class _SoftmaxAttention(torch.autograd.Function):
             kst = ks.t().contiguous()  # (D, n')
             for r in blocks:
                 qr, dyr = q[g, r], dy[g, r]  # (rows, D), (rows, C')
-                p = torch.softmax(_gemm_nt(qr, ks), dim=-1)  # recomputed (rows, n')
-                dp = _gemm_nt(dyr, v[g])  # (rows, C') @ (n', C')^T -> (rows, n')
+                p = torch.softmax(gemm_nt(qr, ks), dim=-1)  # recomputed (rows, n')
+                dp = gemm_nt(dyr, v[g])  # (rows, C') @ (n', C')^T -> (rows, n')
                 ds = torch._softmax_backward_data(dp, p, -1, p.dtype)  # p * (dp - rowsum(dp * p)), (rows, n')
-                dq[g, r] = _gemm_nt(ds, kst)  # (rows, n') @ (D, n')^T -> (rows, D)
-                dk[g] += _gemm_nt(ds.t().contiguous(), qr.t().contiguous())  # (n', rows) @ (D, rows)^T -> (n', D)
-                dv[g] += _gemm_nt(p.t().contiguous(), dyr.t().contiguous())  # (n', rows) @ (C', rows)^T -> (n', C')
+                dq[g, r] = gemm_nt(ds, kst)  # (rows, n') @ (D, n')^T -> (rows, D)
+                dk[g] += gemm_nt(ds.t().contiguous(), qr.t().contiguous())  # (n', rows) @ (D, rows)^T -> (n', D)
+                dv[g] += gemm_nt(p.t().contiguous(), dyr.t().contiguous())  # (n', rows) @ (C', rows)^T -> (n', C')
             dk[g] *= scale
         return dq, dk, dv, None
 
@@ -732,9 +724,12 @@ class NonLocalBlock(nn.Module):
         q, k, v, pgrid = self._embed_fast(x5)
         y = self._attend_fast(self._group_tokens(q, grid), self._group_tokens(k, pgrid), self._group_tokens(v, pgrid))
         y = self._ungroup_tokens(y, B, grid)  # (B, N, C')
-        if channels_last:
-            y5 = y.reshape(B, T, H, W, -1).permute(0, 4, 1, 2, 3)  # (B, N, C') -> (B, T, H, W, C') -> (B, C', T, H, W) cl
+        y5 = y.reshape(B, T, H, W, -1).permute(0, 4, 1, 2, 3)  # (B, N, C') -> (B, T, H, W, C') -> (B, C', T, H, W) cl
+        if channels_last and conv1x1_uses_onednn(y5):
             p = F.conv3d(y5, weight.view(C, -1, 1, 1, 1), bias)  # W_z, (B, C, T, H, W) channels-last (_conv_tokens)
+        elif channels_last:
+            p = F.linear(y, weight, bias)  # (B, N, C') -> (B, N, C)
+            p = p.view(B, T, H, W, C).permute(0, 4, 1, 2, 3)  # (B, N, C) -> (B, T, H, W, C) -> (B, C, T, H, W) cl
         else:
             # W_z @ y^T: (B, C, C') @ (B, C', N) -> (B, C, N); y^T is a transposed view BLAS reads directly
             p = torch.baddbmm(bias.view(1, -1, 1), weight.expand(B, -1, -1), y.transpose(1, 2))

@@ -41,6 +41,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from nlvid.errors import ConfigError
 from nlvid.models.nonlocal_block import NonLocalBlock
+from nlvid.models.onednn import conv1x1_uses_onednn
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data tables
@@ -131,10 +132,11 @@ class FrameConv3d(nn.Conv3d):
         """`weight`/`bias` replace the module's own (used by `conv_bn` to run with BN folded in)."""
         if weight is None:
             weight, bias = self.weight, self.bias
-        if (self.kernel_size[0] != 1 or self.kernel_size == (1, 1, 1) or self.padding[0] != 0
-                or self.padding_mode != "zeros" or x.dim() != 5):
-            # 1x1x1: as fast unfolded on channels-last input, and its input gradient is then a tensor of its own
-            # rather than a view, which autograd can accumulate in place (see `early_shortcut`)
+        if (self.kernel_size[0] != 1 or self.padding[0] != 0 or self.padding_mode != "zeros" or x.dim() != 5
+                or (self.kernel_size == (1, 1, 1) and conv1x1_uses_onednn(x))):
+            # 1x1x1 on oneDNN: as fast unfolded on channels-last input, and its input gradient is then a tensor of
+            # its own rather than a view, which autograd can accumulate in place (see `early_shortcut`). Where
+            # torch would not use oneDNN (one thread and a batch < 16) the fold's batch B*T gets it there.
             return self._conv_forward(x, weight, bias)
         st = self.stride[0]
         if st > 1:
