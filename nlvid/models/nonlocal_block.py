@@ -280,17 +280,12 @@ def _row_blocks(n: int, n_keys: int) -> list[slice]:
 
 
 def _onednn_attention_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether _SoftmaxAttention is the faster choice: fp32 on CPU with oneDNN, more than one thread (with one,
-    torch runs a 1x1 conv of batch 1 through its BLAS fallback instead of oneDNN), not while compiling, tracing
-    or exporting (SDPA is one op there), and few groups with enough work each (the groups are a Python loop;
+    """Whether _SoftmaxAttention is the faster choice: where oneDNN runs 1x1 convs at all (fp32 CPU, not while
+    compiling, tracing or exporting: `conv1x1_uses_onednn`), with more than one thread (gemm_nt's convs have a batch
+    of 1, which torch gives oneDNN only then), and few groups with enough work each (the groups are a Python loop;
     space/time modes can have thousands)."""
     return (
-        not torch.compiler.is_compiling()  # first: dynamo cannot trace the calls below (a graph break each)
-        and not torch.jit.is_tracing()  # a trace would freeze the Python loops to this batch (export, jit)
-        and not torch.onnx.is_in_onnx_export()
-        and q.device.type == "cpu"
-        and q.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
+        conv1x1_uses_onednn(q)
         and torch.get_num_threads() > 1
         and q.shape[0] <= 64
         and q.shape[1] * k.shape[1] >= _ONEDNN_ATTENTION_MIN_SCORES
