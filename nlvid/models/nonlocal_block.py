@@ -156,12 +156,11 @@ def _linear_tokens(xt: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
 def _conv_tokens(x5: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """A 1x1x1 conv of a channels_last_3d map, returned as tokens: (B, C, T, H, W) -> contiguous (B, N, C').
 
-    weight (C', C, 1, 1, 1), bias (C',). The same product as _linear_tokens, but run by oneDNN's convolution: on
-    these machines (2 cores, AMD EPYC, torch 2.14.1 with MKL) a channels-last 1x1x1 conv reaches 180-200 GMAC/s
-    where aten::mm (MKL sgemm) reaches 85-90, e.g. (2, 1024, 4, 14, 14) -> 512: 4.7 ms vs 9.7 ms; the conv's
-    backward is oneDNN's too. The output is channels_last_3d, so its tokens are a view. A contiguous x5 goes through
-    _linear_tokens instead (a transposed view BLAS reads as is; converting it would copy and keep a second x), and
-    so does any x whose 1x1 conv torch would not give to oneDNN (one thread, small batch: see nlvid.models.onednn)."""
+    weight (C', C, 1, 1, 1), bias (C',). The same product as _linear_tokens, run by oneDNN's convolution (why:
+    nlvid.models.onednn; (2, 1024, 4, 14, 14) -> 512 took 4.7 ms vs 9.7 ms), backward included. The output is
+    channels_last_3d, so its tokens are a view. A contiguous x5 goes through _linear_tokens instead (a transposed
+    view BLAS reads as is; converting it would copy and keep a second x), and so does any x whose 1x1 conv torch
+    would not give to oneDNN (one thread and a small batch: `conv1x1_uses_onednn`)."""
     if not (_is_channels_last(x5) and conv1x1_uses_onednn(x5)):
         return _linear_tokens(_tokens(x5), weight, bias)  # (B, N, C) -> (B, N, C')
     return _tokens(F.conv3d(x5, weight, bias))  # (B, C', T, H, W) channels-last -> (B, N, C') view
@@ -227,9 +226,8 @@ _ONEDNN_ATTENTION_MIN_SCORES = 1 << 16
 class _SoftmaxAttention(torch.autograd.Function):
     """y = softmax(s * q k^T) v per group, with every product run by oneDNN (`gemm_nt`), in blocks of query rows.
 
-    The same numbers as F.scaled_dot_product_attention (fp32, ~1e-6), faster on CPUs where oneDNN outruns the BLAS
-    that torch's CPU attention kernel calls: on these machines (AMD EPYC, torch 2.14.1 built with MKL) a 1x1 conv
-    reaches ~200 GMAC/s where MKL's sgemm reaches 85-95. Measured fwd+bwd, (G, n, n', D): (2, 3136, 784, 256)
+    The same numbers as F.scaled_dot_product_attention (fp32, ~1e-6), faster where oneDNN outruns the BLAS that
+    torch's CPU attention kernel calls (nlvid.models.onednn). Measured fwd+bwd, (G, n, n', D): (2, 3136, 784, 256)
     SDPA 114 ms vs 84; (1, 12544, 3136, 256) 905 vs 543-633; (2, 784, 196, 512) 15 vs 10; forward alone 31 vs 19
     and 245 vs 191 ms. Like flash attention it keeps only q, k, v for backward (never the n x n' matrix): backward
     recomputes each block's probabilities. q (G, n, D), k (G, n', D), v (G, n', C') contiguous; first-order only."""
