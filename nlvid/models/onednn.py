@@ -1,4 +1,4 @@
-"""When a CPU product runs on oneDNN, and a matrix product that does.
+"""When a CPU product runs on oneDNN, a matrix product that does, and the weight gradient of a temporal conv.
 
 Why it matters here: on these machines (AMD EPYC, torch 2.14.1 built with MKL) torch's plain matrix products
 (`mm`, `bmm`, `addmm`, `linear`, and its CPU attention kernel, which calls the same BLAS) run on MKL's sgemm at 85-95
@@ -46,3 +46,58 @@ def gemm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a @ b.t()
     y = F.conv2d(x, b.view(b.shape[0], K, 1, 1))  # (1, N, M, 1) channels-last
     return y.permute(0, 2, 3, 1).reshape(M, -1)  # (1, N, M, 1) -> (1, M, 1, N) -> (M, N), a view
+
+
+# (kt, 1, 1) convolutions whose weight gradient is faster as one 1x1 weight gradient per temporal tap: both channel
+# counts' product and the rows of one tap of one clip at least these (measured, I3D R50 at 2 x 8 x 224, 2 threads:
+# 256 -> 64 at 8x56x56 40.5 -> 17.7 ms, 512 -> 256 at 4x28x28 20.8 -> 13.6, 1024 -> 256 at 4x14x14 10.2 -> 7.6; not
+# 64 -> 64 at 8x56x56, 4.7 vs 5.5, or 2048 -> 512 at 4x7x7, 9.1 vs 15.3: a 147-row product is too short to pay)
+_TAP_GRAD_MIN_CHANNEL_PRODUCT = 128 * 128
+_TAP_GRAD_MIN_ROWS = 512
+
+
+def temporal_weight_grad_by_taps(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `temporal_conv_weight_grad` is the faster weight gradient of conv3d(x, weight), a (kt, 1, 1) kernel
+    with stride 1 and padding (kt // 2, 0, 0), for a channels_last_3d x (B, C, T, H, W)."""
+    B, C, T, H, W = x.shape
+    kt = weight.shape[2]
+    return (
+        weight.requires_grad
+        and x.is_contiguous(memory_format=torch.channels_last_3d)
+        and T > kt // 2
+        and C * weight.shape[0] >= _TAP_GRAD_MIN_CHANNEL_PRODUCT
+        and (T - kt // 2) * H * W >= _TAP_GRAD_MIN_ROWS
+        and conv1x1_uses_onednn(x[:1, :, kt // 2:])
+    )
+
+
+def temporal_conv_weight_grad(x: torch.Tensor, grad: torch.Tensor, kt: int) -> torch.Tensor:
+    """The weight gradient (C', C, kt, 1, 1) of y = conv3d(x, w, padding=(kt // 2, 0, 0)), stride 1, from x
+    (B, C, T, H, W) and grad = dL/dy (B, C', T, H, W), both channels_last_3d: tap j sees frame t + j - kt // 2 for
+    output frame t, so its gradient is the 1x1x1 weight gradient of the frames that overlap. oneDNN's own (kt, 1, 1)
+    weight gradient runs at ~50-100 GMAC/s here, its 1x1x1 one at ~130-200. A tap's frames of one clip are one
+    dense channels-last block; across clips they are not, so the shifted taps go clip by clip."""
+    B, C, T, H, W = x.shape
+    pad = kt // 2
+    grad = grad.contiguous(memory_format=torch.channels_last_3d)  # a no-op for the gradients BN hands back
+    out = torch.empty((grad.shape[1], C, kt, 1, 1), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last_3d)
+    w1 = torch.empty((grad.shape[1], C, 1, 1, 1), dtype=x.dtype, device=x.device,
+                     memory_format=torch.channels_last_3d)  # only its shape and layout are read
+
+    def grad_1x1(g: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten.convolution_backward(g, xs, w1, None, [1, 1, 1], [0, 0, 0], [1, 1, 1], False,
+                                                   [0, 0, 0], 1, [False, True, False])[1]
+
+    for j in range(kt):
+        s = j - pad  # output frame t reads input frame t + s
+        if s == 0:
+            out[:, :, j:j + 1] = grad_1x1(grad, x)
+            continue
+        t0, t1 = max(0, -s), min(T, T - s)  # output frames whose input frame exists (the rest see zero padding)
+        acc = None
+        for b in range(B):
+            d = grad_1x1(grad[b:b + 1, :, t0:t1], x[b:b + 1, :, t0 + s:t1 + s])
+            acc = d if acc is None else acc.add_(d)
+        out[:, :, j:j + 1] = acc
+    return out
