@@ -1,7 +1,10 @@
-"""I3D's temporal (kt, 1, 1) convs take their weight gradient one tap at a time (nlvid.models.onednn,
-`_TapWeightGrad` in nlvid.models.resnet3d): the gradients equal a float64 conv3d's, the path is taken where it is
-meant to be and nowhere else, the block input still adds its two gradients in place, and stage checkpointing
-recomputes through it to the same gradients."""
+"""Two CPU fast paths of the backbone (nlvid.models.resnet3d) compute what the plain layers compute.
+
+- I3D's temporal (kt, 1, 1) convs take their weight gradient one tap at a time (`temporal_conv_weight_grad` in
+  nlvid.models.onednn, `_TapWeightGrad`): the gradients equal a float64 conv3d's, the path is taken where it is
+  meant to be and nowhere else, the block input still adds its two gradients in place, and stage checkpointing
+  recomputes through it to the same gradients.
+- pool2 without autograd is the maximum of even and odd frames (`FramePairMaxPool3d`): max_pool3d's values."""
 
 from __future__ import annotations
 
@@ -133,3 +136,23 @@ def test_stage_checkpointing_recomputes_through_the_tap_path(two_threads):
     recomputed = grads(lambda xin: r3d.recompute(block, xin, block))
     for a, b in zip(plain, recomputed):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("frames", [8, 7, 2])
+@pytest.mark.parametrize("layout", [CL3, torch.contiguous_format])
+def test_pool2_without_autograd_equals_max_pool3d(frames, layout):
+    """FramePairMaxPool3d's inference path (maximum of even and odd frames) gives max_pool3d's values, NaN and
+    -inf included, and keeps the layout; with autograd it is max_pool3d itself."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, frames, 5, 4)
+    x[0, 1, 0, 0, 0] = float("nan")
+    x[1, 2, 1, 1, 1] = float("-inf")
+    x[1, 3, 0] = x[1, 3, 1]  # ties
+    x = x.contiguous(memory_format=layout)
+    pool = r3d.FramePairMaxPool3d((2, 1, 1), (2, 1, 1))
+    expected = F.max_pool3d(x, (2, 1, 1), (2, 1, 1))
+    with torch.no_grad():
+        got = pool(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    assert got.is_contiguous(memory_format=layout)
+    assert type(pool(x.requires_grad_()).grad_fn).__name__.startswith("MaxPool3DWithIndices")
