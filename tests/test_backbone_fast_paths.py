@@ -88,6 +88,11 @@ def test_tap_path_is_not_taken_where_it_does_not_pay_or_apply(two_threads):
     conv.weight.requires_grad_(True)
     with torch.no_grad():
         assert conv(big).grad_fn is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the conv runs in bf16 while x stays fp32
+        y, tapped = _tapped(conv, big.requires_grad_())
+    assert not tapped
+    y.float().sum().backward()
+    assert conv.weight.grad.dtype == torch.float32
     torch.set_num_threads(1)  # torch would not run the 1x1x1 weight gradients on oneDNN
     assert not _tapped(conv, big)[1]
 

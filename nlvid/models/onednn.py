@@ -63,6 +63,8 @@ def temporal_weight_grad_by_taps(x: torch.Tensor, weight: torch.Tensor) -> bool:
     kt = weight.shape[2]
     return (
         weight.requires_grad
+        and weight.dtype == x.dtype
+        and not torch.is_autocast_enabled(x.device.type)  # the conv would run in another dtype than x
         and x.is_contiguous(memory_format=torch.channels_last_3d)
         and T > kt // 2
         and C * weight.shape[0] >= _TAP_GRAD_MIN_CHANNEL_PRODUCT
