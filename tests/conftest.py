@@ -74,3 +74,13 @@ def tiny(tmp_path_factory):
     save_checkpoint(path, model_state=model.state_dict(), config=cfg.to_dict(), classes=TINY_CLASSES)
     model, classes, cfg = load_model(path)
     return path, model, classes, cfg
+
+
+@pytest.fixture
+def two_threads():
+    """Two torch threads for the test, restored after: torch runs 1x1 convs on oneDNN (and nlvid its oneDNN
+    attention and per-tap weight gradients) only with more than one thread (nlvid.models.onednn)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

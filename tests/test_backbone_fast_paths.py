@@ -19,15 +19,6 @@ from nlvid.models.resnet3d import Bottleneck, FrameConv3d
 CL3 = torch.channels_last_3d
 
 
-@pytest.fixture
-def two_threads():
-    """torch runs 1x1x1 convs on oneDNN only with more than one thread (or a batch >= 16); restore after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def _reference_grads(x, weight, grad, pad):
     xd = x.detach().double().requires_grad_()
     wd = weight.detach().double().requires_grad_()

@@ -18,15 +18,6 @@ from test_nonlocal import _close, _randomise
 
 
 @pytest.fixture
-def two_threads():
-    """The oneDNN attention needs more than one thread (see _onednn_attention_applies); restore after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
 def attention_calls(monkeypatch):
     """Records the q shape of every _SoftmaxAttention call."""
     calls: list[tuple[int, ...]] = []
