@@ -13,8 +13,8 @@ What it measures, each cell on its own (a failure is recorded as that cell's one
    backward, SGD momentum 0.9) at batch 8 x 8 x 224 and 2 x 32 x 224, fp32 / bf16 autocast / fp16 autocast with
    a GradScaler; the input channels-last (the trunk's own layout) or contiguous; step time (median after warm-up),
    peak memory growth of a step (torch.cuda.max_memory_allocated), and inference clips/s.
-3. DDP with NCCL, 2 processes, one GPU each: one training step per process on its half of a batch; the row checks
-   that both processes end with the same weights (DDP's all-reduce) and reports the step time. NCCL refuses two
+3. DDP with NCCL, 2 processes, one GPU each, each on its own 8 x 8 x 224 batches: the step time (median of 5 after
+   2 warm-up steps), and whether both processes end with the same weights (DDP's all-reduce). NCCL refuses two
    ranks on one device, so this row needs two GPUs; with fewer it says so.
 
 Results go to stdout as markdown tables (and to --out as JSON); progress goes to stderr.
@@ -205,8 +205,8 @@ def _ddp_worker(rank: int, world: int, port: int, small: bool, queue) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("nccl", rank=rank, world_size=world)
     torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world)
     model = DDP(_build("i3d_r50_nl5", small, "cuda"), device_ids=[rank])
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     batch, frames, size = (2, 8, 32) if small else (8, 8, 224)

@@ -49,7 +49,8 @@ def gemm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # (kt, 1, 1) convolutions whose weight gradient is faster as one 1x1 weight gradient per temporal tap: both channel
-# counts' product and the rows of one tap of one clip at least these (measured, I3D R50 at 2 x 8 x 224, 2 threads:
+# counts' product and the rows of one tap of one clip at least these (measured, I3D R50 at 2 x 8 x 224, 2 threads,
+# glibc's default malloc:
 # 256 -> 64 at 8x56x56 40.5 -> 17.7 ms, 512 -> 256 at 4x28x28 20.8 -> 13.6, 1024 -> 256 at 4x14x14 10.2 -> 7.6; not
 # 64 -> 64 at 8x56x56, 4.7 vs 5.5, or 2048 -> 512 at 4x7x7, 9.1 vs 15.3: a 147-row product is too short to pay)
 _TAP_GRAD_MIN_CHANNEL_PRODUCT = 128 * 128

@@ -135,9 +135,6 @@ class FrameConv3d(nn.Conv3d):
             weight, bias = self.weight, self.bias
         if (self.kernel_size[0] != 1 or self.padding[0] != 0 or self.padding_mode != "zeros" or x.dim() != 5
                 or (self.kernel_size == (1, 1, 1) and conv1x1_uses_onednn(x))):
-            # 1x1x1 on oneDNN: as fast unfolded on channels-last input, and its input gradient is then a tensor of
-            # its own rather than a view, which autograd can accumulate in place (see `early_shortcut`). Where
-            # torch would not use oneDNN (one thread and a batch < 16) the fold's batch B*T gets it there.
             if (bias is None and self.kernel_size[1:] == (1, 1) and self.stride == (1, 1, 1)
                     and self.padding == (self.kernel_size[0] // 2, 0, 0) and self.kernel_size[0] % 2 == 1
                     and self.dilation == (1, 1, 1) and self.groups == 1 and torch.is_grad_enabled()
@@ -145,6 +142,9 @@ class FrameConv3d(nn.Conv3d):
                 # an I3D temporal conv: torch's forward and input gradient, the weight gradient per tap
                 y = F.conv3d(x, weight.detach(), None, self.stride, self.padding)
                 return _TapWeightGrad.apply(y, x.detach(), weight)
+            # 1x1x1 on oneDNN: as fast unfolded on channels-last input, and its input gradient is then a tensor of
+            # its own rather than a view, which autograd can accumulate in place (see `early_shortcut`). Where
+            # torch would not use oneDNN (one thread and a batch < 16) the fold's batch B*T gets it there.
             return self._conv_forward(x, weight, bias)
         st = self.stride[0]
         if st > 1:
