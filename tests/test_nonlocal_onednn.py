@@ -1,6 +1,7 @@
 """oneDNN routing on CPU (nlvid.models.onednn) and the NL fast path's use of it (nlvid.models.nonlocal_block):
-gemm_nt, _SoftmaxAttention, the 1x1x1 convs, and when each is taken. Every result is compared with an independent computation (float64 matmul, SDPA in float64, the explicit
-block), and the tests that rely on the oneDNN path being taken check that it was."""
+gemm_nt, _SoftmaxAttention, the 1x1x1 convs, and when each is taken. Every result is compared with an independent
+computation (float64 matmul, SDPA in float64, the explicit block), and the tests that rely on the oneDNN path being
+taken check that it was."""
 
 from __future__ import annotations
 

@@ -190,18 +190,13 @@ def test_training_forward_has_no_graph_breaks_under_torch_compile():
 
 
 @pytest.mark.parametrize("arch", ["c2d", "i3d"])
-def test_block_inputs_accumulate_their_gradients_in_place(arch):
+def test_block_inputs_accumulate_their_gradients_in_place(arch, two_threads):
     """early_shortcut + unfolded 1x1x1 convs: no out-of-place aten::add on an activation in backward (each was a
     fresh (B, C, T, H, W) buffer per block and step), and the in-place adds do happen."""
     from torch.profiler import ProfilerActivity, profile
 
-    m = _small(arch).train()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # 1x1x1 convs run unfolded only where torch gives them to oneDNN (nlvid.models.onednn)
-    try:
-        loss = m(torch.randn(2, 3, 8, 32, 32)).square().sum()
-    finally:
-        torch.set_num_threads(threads)
+    m = _small(arch).train()  # two threads: 1x1x1 convs run unfolded only where torch gives them to oneDNN
+    loss = m(torch.randn(2, 3, 8, 32, 32)).square().sum()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         loss.backward()
 

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 def conv1x1_uses_onednn(x: torch.Tensor) -> bool:
     """Whether torch runs a 1x1 (or 1x1x1) convolution of x, batch first, through oneDNN: fp32 on CPU with oneDNN
     and, by torch's rules for 1x1 kernels (aten Convolution.cpp, use_mkldnn), more than one thread or a batch of at
-    least 16, and a batch above 1 or more than 20480 values in the first four sizes. False while compiling (inductor picks its own
-    kernels, and asking the thread count there is a graph break), tracing or exporting."""
+    least 16, and a batch above 1 or more than 20480 values in the first four sizes. False while compiling
+    (inductor picks its own kernels, and asking the thread count there is a graph break), tracing or exporting."""
     return (
         not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()  # traces and exports keep the plain paths (and no shape-dependent branch)
@@ -67,9 +67,8 @@ def temporal_weight_grad_by_taps(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.dtype == x.dtype
         and not torch.is_autocast_enabled(x.device.type)  # the conv would run in another dtype than x
         and x.is_contiguous(memory_format=torch.channels_last_3d)
-        and T > kt // 2
         and C * weight.shape[0] >= _TAP_GRAD_MIN_CHANNEL_PRODUCT
-        and (T - kt // 2) * H * W >= _TAP_GRAD_MIN_ROWS
+        and (T - kt // 2) * H * W >= _TAP_GRAD_MIN_ROWS  # also: every shifted tap sees at least one frame
         and conv1x1_uses_onednn(x[:1, :, kt // 2:])
     )
 
