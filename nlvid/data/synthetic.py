@@ -20,9 +20,9 @@ stays at chance on held-out clips, with NL blocks it learns the relation.
 
 Sampling for the tiny config: num_frames 8, stride 2 covers the whole clip (frames 0/1, 2/3, ... 14/15), so the
 first and the last objects are both seen. The frames and annotations are deterministic from the seed (numpy Generator
-per clip). The MP4 bytes are not: a few percent of the files of two generations of the same set encode slightly
-differently (the frames given to x264 are identical), so training on regenerated data is not bit-identical to
-training on the same files (which is).
+per clip), and so are the MP4 bytes: x264 runs single-threaded on its C paths (`asm=0`), because its SIMD paths
+encoded 1-4% of the files differently from one generation to the next though the frames given to it were identical.
+Training on a regenerated set therefore repeats a training on the old one exactly (on the same machine and torch).
 
 Output (`write_synthetic`): root/train/<class>/*.mp4, root/val/<class>/*.mp4 (a held-out quarter per class) and
 root/annotations.json (per clip the two label-deciding objects with their frame range [t0, t1] inclusive and pixel
@@ -156,8 +156,10 @@ def _clip(rng: np.random.Generator, label: int, classes: int):
 
 def _encode(path: Path, frames: np.ndarray) -> None:
     with av.open(str(path), mode="w") as out:
+        # asm=0: x264's SIMD paths gave 1-4% of the files different bytes (and decoded pixels) from one generation
+        # to the next; its C paths are repeatable (8 ms a clip instead of 4).
         stream = out.add_stream("libx264", rate=FPS, options={"crf": "18", "preset": "veryfast", "threads": "1",
-                                                                "bframes": "0"})
+                                                                "bframes": "0", "x264-params": "asm=0"})
         stream.width, stream.height, stream.pix_fmt = SIZE, SIZE, "yuv420p"
         stream.codec_context.thread_count = 1
         for arr in frames:
