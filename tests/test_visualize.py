@@ -289,12 +289,14 @@ def test_trained_attention_links_the_two_objects(tmp_path):
     """The NL row of the small Table 2 (experiments/table2.py: tiny, 100 clips/class, 30 epochs AdamW, seeds 0-2):
     after training, a query on one deciding object puts its top-10 keys on the other object more often than the
     same network did at init (res3 block, held-out clips). One seed's number moves a lot with the last bits of
-    training: five retrainings of these three seeds, differing only in a few percent of re-encoded MP4s (before
-    `nlvid synth` wrote identical bytes) or in the machine, gave trained 3.44/1.50/2.63, 2.71/3.92/1.73,
-    1.33/1.54/2.64 (a CI machine), 2.91/2.64/1.26 and 3.10/3.32/1.41 (byte-identical data, this test's files)
-    against init 2.58/1.17-1.18/1.05 x chance: mean trained / mean init 1.15-1.74x, trained > init in 14 of the 15
-    seed runs. The bounds are what held in all five: mean trained >= 1.1x mean init, trained > init for at least
-    two seeds of three, every seed above chance. (A 1.25x bound on the mean failed the CI draw.)"""
+    training: six retrainings of these three seeds, differing only in a few percent of re-encoded MP4s (before
+    `nlvid synth` wrote identical bytes) or in the CPU's kernels, gave trained 3.44/1.50/2.63, 2.71/3.92/1.73,
+    1.33/1.54/2.64 (a CI machine), 2.91/2.64/1.26, 3.10/3.32/1.41 (byte-identical data, this test's files, twice) and
+    1.72/1.95/1.89 (the same files with oneDNN, MKL and ATen held to AVX2, standing in for another CPU) against init
+    2.58/1.17-1.18/1.05 x chance: mean trained / mean init 1.15-1.74x; seeds 1 and 2 beat their init in every draw
+    (by 1.20x or more), seed 0 (whose init is already 2.58x) in 4 of 6. The bounds are what held in all six with a
+    margin: mean trained > mean init, trained > init for at least two seeds of three, every seed above chance.
+    (A 1.25x bound on the mean failed the CI draw.)"""
     root = tmp_path / "synth"
     write_synthetic(root, classes=4, clips_per_class=100, seed=0)
     trained, init = [], []
@@ -314,7 +316,7 @@ def test_trained_attention_links_the_two_objects(tmp_path):
         init.append(s0["ratio"])
     report = f"trained {[round(r, 2) for r in trained]} vs init {[round(r, 2) for r in init]} x chance"
     print(report)  # shown with pytest -s
-    assert sum(trained) >= 1.1 * sum(init), report
+    assert sum(trained) > sum(init), report
     assert sum(t > i for t, i in zip(trained, init)) >= 2, report
     assert min(trained) > 1.0, report
 
