@@ -104,7 +104,7 @@ def test_deterministic_from_seed(tmp_path):
 
 
 def test_same_seed_writes_the_same_bytes(tmp_path):
-    """`nlvid synth` run twice (separate processes, as a user regenerating a set would) writes byte-identical MP4s,
+    """`nlvid synth` run again (in a new process, as a user regenerating a set would) writes byte-identical MP4s,
     so training on regenerated data repeats exactly. With x264's SIMD paths 1-3 of these 100 files differed between
     two processes (and 12-16 of 400 between two generations in one process) though the pixels given to x264 were
     identical; three processes here."""
